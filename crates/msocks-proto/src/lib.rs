@@ -43,9 +43,23 @@ pub use userpass::{UserPassReply, UserPassRequest};
 pub const SOCKS_VERSION: u8 = 0x05;
 
 /// The largest number of bytes any client-to-proxy handshake message can occupy on the wire:
-/// a request with a 255-byte domain name plus the largest MSOCKS trailer. I/O layers size
-/// their handshake buffers with it.
-pub const MAX_HANDSHAKE_MESSAGE: usize = 3 + 1 + 1 + 255 + 2 + mobility::MAX_REQUEST_TRAILER;
+/// an RFC 1929 request with a 255-byte username and a 255-byte password (513 bytes), which is
+/// longer than a request with a 255-byte domain name plus the largest MSOCKS trailer (280
+/// bytes) and a greeting offering 255 methods (257 bytes). I/O layers size their handshake
+/// buffers with it.
+pub const MAX_HANDSHAKE_MESSAGE: usize = {
+    let greeting = 1 + 1 + 255;
+    let userpass = 1 + 1 + 255 + 1 + 255;
+    let request = 3 + 1 + 1 + 255 + 2 + mobility::MAX_REQUEST_TRAILER;
+    let mut max = greeting;
+    if userpass > max {
+        max = userpass;
+    }
+    if request > max {
+        max = request;
+    }
+    max
+};
 
 /// Outcome of decoding: the message and how many bytes of the input it used, or `None` when
 /// more bytes are needed.
