@@ -1,0 +1,209 @@
+//! The proxy's configuration: a TOML file whose every key has a default, so that an empty
+//! file (or none at all) gives a working proxy on 127.0.0.1:1080 with no authentication.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::rules::RuleConfig;
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (unknown key, wrong type, ...).
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the TOML parser said, with line and column.
+        message: String,
+    },
+    /// A value is well-formed but unusable.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The whole proxy configuration (`msocks proxy --config FILE`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Addresses to accept SOCKS5 clients on. Default: `["127.0.0.1:1080"]`.
+    pub listen: Vec<SocketAddr>,
+    /// Authentication.
+    pub auth: AuthConfig,
+    /// Timeouts and size limits.
+    pub limits: LimitsConfig,
+    /// BIND options.
+    pub bind: BindConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Access rules, tried in order; the first that matches decides. With no rules at all
+    /// everything is allowed; with rules, a request no rule matches is denied.
+    #[serde(rename = "rule")]
+    pub rules: Vec<RuleConfig>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 1080))],
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
+            bind: BindConfig::default(),
+            log: LogConfig::default(),
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// `[auth]`: who may use the proxy.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// A credentials file: one `username:password` per line, the password either in clear
+    /// or as an Argon2 (`$argon2id$...`) or bcrypt (`$2b$...`) hash (see `msocks passwd`).
+    /// When set, every client must authenticate with RFC 1929 username/password.
+    pub users_file: Option<PathBuf>,
+}
+
+/// `[limits]`: timeouts and bounds. Durations are written like `"10s"`, `"5m"`, `"250ms"`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Time a client has to finish method negotiation, authentication and its request.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// A session with no byte in either direction for this long is closed. `"0s"` disables.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Time to resolve a destination name.
+    #[serde(with = "humantime_serde")]
+    pub resolve_timeout: Duration,
+    /// Time to establish the TCP connection to the destination (all its addresses together).
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time a BIND waits for the incoming connection.
+    #[serde(with = "humantime_serde")]
+    pub bind_timeout: Duration,
+    /// Time live sessions get to finish after SIGTERM/SIGINT before they are cut.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Most sessions served at once; a request beyond it gets reply 0x01.
+    pub max_sessions: usize,
+    /// Most clients in the handshake at once; when full, the oldest handshake is dropped so
+    /// that a flood of stalled clients cannot lock out real ones.
+    pub max_handshakes: usize,
+    /// Relay buffer per direction of a session, in bytes (bounded memory per session).
+    pub buffer_size: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(600),
+            resolve_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(10),
+            bind_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(10),
+            max_sessions: 10_000,
+            max_handshakes: 1_024,
+            buffer_size: 32 * 1024,
+        }
+    }
+}
+
+/// `[bind]`: where BIND listens.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct BindConfig {
+    /// IP address to listen on for BIND. Default: the proxy's address on the route towards
+    /// the BIND request's destination (or, when that is unspecified, the address the client
+    /// reached the proxy on).
+    pub address: Option<std::net::IpAddr>,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter such as `info` or `msocks_proxy=debug`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".to_owned(),
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// Parses a configuration from TOML text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let config: ProxyConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and parses a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Checks what the types cannot: at least one listener, non-zero limits, valid rules.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.listen.is_empty() {
+            return Err(ConfigError::Invalid(
+                "`listen` must name at least one address".into(),
+            ));
+        }
+        let l = &self.limits;
+        for (name, d) in [
+            ("handshake_timeout", l.handshake_timeout),
+            ("resolve_timeout", l.resolve_timeout),
+            ("connect_timeout", l.connect_timeout),
+            ("bind_timeout", l.bind_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Invalid(format!(
+                    "limits.{name} must be greater than 0"
+                )));
+            }
+        }
+        if l.max_sessions == 0 || l.max_handshakes == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.max_sessions and limits.max_handshakes must be at least 1".into(),
+            ));
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&l.buffer_size) {
+            return Err(ConfigError::Invalid(
+                "limits.buffer_size must be between 1024 and 16777216 bytes".into(),
+            ));
+        }
+        for (i, rule) in self.rules.iter().enumerate() {
+            rule.validate()
+                .map_err(|m| ConfigError::Invalid(format!("rule #{}: {m}", i + 1)))?;
+        }
+        Ok(())
+    }
+}

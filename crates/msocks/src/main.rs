@@ -1,0 +1,261 @@
+//! `msocks`: one binary for transport-layer mobility. `msocks proxy` runs the SOCKS5/MSOCKS
+//! proxy; `msocks passwd` makes users-file entries.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use msocks_proxy::{Credentials, Proxy, ProxyConfig};
+use tracing::{info, warn};
+
+const ABOUT: &str = "Transport-layer mobility (MSOCKS): a SOCKS5 proxy whose streams can move \
+between addresses and network interfaces without the server noticing.";
+
+const AFTER_HELP: &str = "Examples:
+  msocks proxy                                  serve SOCKS5 on 127.0.0.1:1080, no authentication
+  msocks proxy --listen 0.0.0.0:1080 --users /etc/msocks/users
+  msocks proxy --config /etc/msocks/proxy.toml --check-config
+  curl --socks5-hostname 127.0.0.1:1080 https://example.org/
+
+Documentation: README.md, docs/PROTOCOL.md (wire format, error replies), docs/CONFIG.md.";
+
+#[derive(Parser)]
+#[command(name = "msocks", version, about = ABOUT, after_help = AFTER_HELP, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the SOCKS5/MSOCKS proxy server.
+    #[command(
+        long_about = "Run the SOCKS5 proxy server (RFC 1928: CONNECT, BIND, UDP ASSOCIATE over \
+IPv4, IPv6 and domain names; RFC 1929 username/password authentication).\n\n\
+With no arguments it serves on 127.0.0.1:1080 without authentication. Every option can be \
+set in a TOML file given with --config; flags given here override the file. The log shows \
+one line per session opened and closed (client, user, destination, bytes each way, \
+duration, reason). SIGTERM or SIGINT stops accepting clients, lets live sessions finish \
+for limits.shutdown_grace, and exits 0.",
+        after_help = "Log levels: --log-level, else RUST_LOG, else [log] level in the config (default info).\n\
+Example config: docs/CONFIG.md."
+    )]
+    Proxy(ProxyArgs),
+    /// Hash a password for the users file (reads it from standard input).
+    #[command(
+        long_about = "Read a password from standard input (one line) and print a users-file line \
+`USERNAME:$argon2id$...` with the password hashed by Argon2id and a random salt.\n\n\
+Example: printf '%s\\n' 'correct horse' | msocks passwd alice >> /etc/msocks/users"
+    )]
+    Passwd {
+        /// The user name (1 to 255 bytes, no `:`).
+        username: String,
+    },
+}
+
+#[derive(Args)]
+struct ProxyArgs {
+    /// Address to accept clients on, ADDR:PORT (IPv6 as [ADDR]:PORT). Repeat for several;
+    /// replaces `listen` from the config. Port 0 picks a free port (the log says which).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Vec<SocketAddr>,
+    /// TOML configuration file (every option; see docs/CONFIG.md).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Users file (`user:password` or `user:<hash>` per line); makes authentication mandatory.
+    #[arg(long, value_name = "FILE")]
+    users: Option<PathBuf>,
+    /// Log filter, e.g. `info`, `debug`, `msocks_proxy=debug`.
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+    /// Most sessions at once (overrides limits.max_sessions).
+    #[arg(long, value_name = "N")]
+    max_sessions: Option<usize>,
+    /// Close sessions idle this long, e.g. `90s`, `10m`; `0s` disables (overrides limits.idle_timeout).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// Validate the configuration (and users file), print a summary, and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Proxy(args) => run_proxy(args),
+        Command::Passwd { username } => passwd(&username),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("msocks: error: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line, leaving out a cause whose text the message before it
+/// already includes (library errors often quote their source).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+    }
+    text
+}
+
+fn passwd(username: &str) -> Result<()> {
+    if username.is_empty() || username.len() > 255 || username.contains(':') {
+        anyhow::bail!("the user name must be 1 to 255 bytes and contain no ':'");
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("reading the password from standard input")?;
+    let password = line.trim_end_matches(['\n', '\r']);
+    if password.is_empty() || password.len() > 255 {
+        anyhow::bail!("the password must be 1 to 255 bytes (SOCKS5 cannot carry more)");
+    }
+    let hash = msocks_proxy::auth::hash_password(password)
+        .map_err(|e| anyhow::anyhow!("hashing failed: {e}"))?;
+    println!("{username}:{hash}");
+    Ok(())
+}
+
+/// The configuration from the file (or defaults) with the flags applied on top.
+fn effective_config(args: &ProxyArgs) -> Result<ProxyConfig> {
+    let mut config = match &args.config {
+        Some(path) => ProxyConfig::load(path)?,
+        None => ProxyConfig::default(),
+    };
+    if !args.listen.is_empty() {
+        config.listen = args.listen.clone();
+    }
+    if let Some(users) = &args.users {
+        config.auth.users_file = Some(users.clone());
+    }
+    if let Some(level) = &args.log_level {
+        config.log.level = level.clone();
+    }
+    if let Some(n) = args.max_sessions {
+        config.limits.max_sessions = n;
+    }
+    if let Some(d) = args.idle_timeout {
+        config.limits.idle_timeout = d;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+fn init_logging(config: &ProxyConfig, flag: Option<&str>) -> Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match (
+        flag,
+        std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty()),
+    ) {
+        (Some(f), _) => {
+            EnvFilter::try_new(f).with_context(|| format!("invalid --log-level {f:?}"))?
+        }
+        (None, Some(env)) => {
+            EnvFilter::try_new(&env).with_context(|| format!("invalid RUST_LOG {env:?}"))?
+        }
+        (None, None) => EnvFilter::try_new(&config.log.level)
+            .with_context(|| format!("invalid [log] level {:?}", config.log.level))?,
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    Ok(())
+}
+
+/// Many sessions need many descriptors: lift the soft limit to the hard one.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                warn!("could not raise the open-file limit from {soft}: {e}");
+            }
+        }
+    }
+}
+
+fn run_proxy(args: ProxyArgs) -> Result<()> {
+    let config = effective_config(&args)?;
+    let credentials = match &config.auth.users_file {
+        Some(path) => {
+            let c = Credentials::load(path)?;
+            if c.is_empty() {
+                anyhow::bail!(
+                    "users file {} lists no user: no client could authenticate",
+                    path.display()
+                );
+            }
+            Some(c)
+        }
+        None => None,
+    };
+    if args.check_config {
+        println!("configuration OK");
+        println!(
+            "  listen: {}",
+            config
+                .listen
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        match &credentials {
+            Some(c) => println!("  authentication: username/password, {} user(s)", c.len()),
+            None => println!("  authentication: none"),
+        }
+        println!("  rules: {}", config.rules.len());
+        println!("  max sessions: {}", config.limits.max_sessions);
+        return Ok(());
+    }
+    init_logging(&config, args.log_level.as_deref())?;
+    raise_fd_limit();
+    if let Some(c) = &credentials {
+        for user in c.plaintext_users() {
+            warn!("user {user:?} has a clear-text password in the users file; `msocks passwd` makes a hash");
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let proxy = Proxy::bind(config, credentials).await?;
+        proxy.run(shutdown_signal()).await;
+        Ok(())
+    })
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM received"),
+                _ = int.recv() => info!("SIGINT received"),
+            }
+        }
+        _ => {
+            warn!("cannot install signal handlers; stop with SIGKILL");
+            std::future::pending::<()>().await
+        }
+    }
+}
