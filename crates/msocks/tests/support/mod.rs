@@ -673,14 +673,24 @@ impl ProxyProcess {
         found
     }
 
-    /// Sends SIGTERM and waits (up to 30 s) for the process to exit,
-    /// returning its exit status.
-    pub fn terminate(&mut self) -> ExitStatus {
+    /// Sends SIGTERM without waiting for the exit.
+    pub fn send_sigterm(&self) {
         let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits in pid_t");
         // SAFETY: plain kill(2) on our own child's pid, which has not been
         // reaped yet (so the pid cannot have been reused).
         let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
         assert_eq!(rc, 0, "kill(SIGTERM) of the proxy failed");
+    }
+
+    /// Sends SIGTERM and waits (up to 30 s) for the process to exit,
+    /// returning its exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.send_sigterm();
+        self.wait_exit()
+    }
+
+    /// Waits (up to 30 s) for the process to exit, returning its exit status.
+    pub fn wait_exit(&mut self) -> ExitStatus {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match self.child.try_wait() {
