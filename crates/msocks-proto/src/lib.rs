@@ -25,6 +25,7 @@ pub mod greeting;
 pub mod mobility;
 pub mod reply;
 pub mod request;
+pub mod resplice;
 pub mod udp;
 pub mod userpass;
 
@@ -36,6 +37,7 @@ pub use mobility::{
 };
 pub use reply::{Reply, ReplyCode, ReplyContext, ReplyExtension};
 pub use request::{Command, OpenRequest, Request};
+pub use resplice::{resplice, Resplice, RespliceError, SessionPosition};
 pub use udp::UdpHeader;
 pub use userpass::{UserPassReply, UserPassRequest};
 
