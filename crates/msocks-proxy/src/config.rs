@@ -46,6 +46,8 @@ pub struct ProxyConfig {
     pub limits: LimitsConfig,
     /// BIND options.
     pub bind: BindConfig,
+    /// MSOCKS mobility (connection identifiers and RECONNECT).
+    pub mobility: MobilityConfig,
     /// Logging.
     pub log: LogConfig,
     /// Access rules, tried in order; the first that matches decides. With no rules at all
@@ -61,6 +63,7 @@ impl Default for ProxyConfig {
             auth: AuthConfig::default(),
             limits: LimitsConfig::default(),
             bind: BindConfig::default(),
+            mobility: MobilityConfig::default(),
             log: LogConfig::default(),
             rules: Vec::new(),
         }
@@ -134,6 +137,34 @@ pub struct BindConfig {
     pub address: Option<std::net::IpAddr>,
 }
 
+/// `[mobility]`: MSOCKS sessions that survive moves of the mobile node.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MobilityConfig {
+    /// Serve the MSOCKS commands (MSOCKS CONNECT, MSOCKS BIND, RECONNECT). When off they get
+    /// reply 0x07 and clients fall back to plain SOCKS5.
+    pub enabled: bool,
+    /// How long a session whose mobile side broke stays parked, its server connection open,
+    /// waiting for a RECONNECT.
+    #[serde(with = "humantime_serde")]
+    pub park_timeout: Duration,
+    /// The address given to clients in connection identifiers as where to RECONNECT. Default:
+    /// the unspecified address with the port of the listener the client used, meaning "any
+    /// address of this proxy you already know, at this port". Set it when several proxy
+    /// processes share an address behind a load balancer, to this process's own address.
+    pub home: Option<SocketAddr>,
+}
+
+impl Default for MobilityConfig {
+    fn default() -> Self {
+        MobilityConfig {
+            enabled: true,
+            park_timeout: Duration::from_secs(180),
+            home: None,
+        }
+    }
+}
+
 /// `[log]`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -183,6 +214,7 @@ impl ProxyConfig {
             ("resolve_timeout", l.resolve_timeout),
             ("connect_timeout", l.connect_timeout),
             ("bind_timeout", l.bind_timeout),
+            ("mobility.park_timeout", self.mobility.park_timeout),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::Invalid(format!(

@@ -10,8 +10,10 @@
 //!   commands);
 //! - [`handshake`]: the bounded buffer in front of the decoders;
 //! - [`resolve`] and [`connect`]: reaching the destination, and mapping failures to replies;
-//! - [`relay`]: the userspace `relay` engine that copies a session's bytes.
-#![forbid(unsafe_code)]
+//! - [`relay`]: the userspace `relay` engine that copies a plain session's bytes;
+//! - `mobile` and `registry`: MSOCKS sessions — retention of unacknowledged bytes, parking,
+//!   RECONNECT and the resplice; [`tcp_state`]: what the kernel says about acknowledgments.
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod auth;
@@ -19,11 +21,14 @@ mod bind;
 pub mod config;
 pub mod connect;
 pub mod handshake;
+mod mobile;
+mod registry;
 pub mod relay;
 pub mod resolve;
 pub mod rules;
 pub mod server;
 mod session;
+pub mod tcp_state;
 mod udp;
 
 pub use auth::Credentials;

@@ -39,6 +39,8 @@ pub(crate) struct Shared {
     pub(crate) credentials: Option<Credentials>,
     pub(crate) handshakes: HandshakeSlots,
     pub(crate) active_sessions: AtomicUsize,
+    /// Live MSOCKS sessions by token.
+    pub(crate) registry: crate::registry::Registry,
     /// Fired when the grace period after a shutdown request is over: live sessions end.
     pub(crate) abort: CancellationToken,
     next_id: AtomicU64,
@@ -158,6 +160,7 @@ impl Proxy {
             config,
             credentials,
             active_sessions: AtomicUsize::new(0),
+            registry: crate::registry::Registry::default(),
             abort: CancellationToken::new(),
             next_id: AtomicU64::new(1),
         });
@@ -193,7 +196,8 @@ impl Proxy {
         let live =
             self.shared.active_sessions.load(Ordering::Acquire) + self.shared.handshakes.len();
         let grace = self.shared.config.limits.shutdown_grace;
-        info!(live, grace = ?grace, "shutting down: no new clients; waiting for live sessions");
+        let mobile = self.shared.registry.len();
+        info!(live, mobile, grace = ?grace, "shutting down: no new clients; waiting for live sessions");
         tracker.close();
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             let left = self.shared.active_sessions.load(Ordering::Acquire);

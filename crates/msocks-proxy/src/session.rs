@@ -222,12 +222,21 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut stream: TcpStream, peer: Sock
     };
 
     let open = match request {
-        Request::Open(open) if open.mobility.is_none() => open,
+        Request::Open(open) if open.mobility.is_none() || shared.config.mobility.enabled => open,
+        Request::Reconnect(rc) if shared.config.mobility.enabled => {
+            if !reader.leftover().is_empty() {
+                // Nothing may follow a RECONNECT before its reply: the client cannot know
+                // yet what to rewrite.
+                let _ = send_reply(&mut stream, &Reply::failure(ReplyCode::GeneralFailure)).await;
+                info!(session = id, client = %peer, "RECONNECT refused: data sent before the reply");
+                return;
+            }
+            return reconnect(&shared, stream, &client, rc).await;
+        }
         Request::Open(_) | Request::Reconnect(_) => {
-            // The MSOCKS extensions are specified in docs/PROTOCOL.md; until the mobility
-            // engine serves them, clients are told so and can fall back to plain SOCKS5.
+            // Mobility is switched off in the config; clients can fall back to plain SOCKS5.
             let _ = send_reply(&mut stream, &Reply::failure(ReplyCode::CommandNotSupported)).await;
-            info!(session = id, client = %peer, user = %client.user_name(), "MSOCKS request refused: extensions not enabled (0x07)");
+            info!(session = id, client = %peer, user = %client.user_name(), "MSOCKS request refused: [mobility] enabled = false (0x07)");
             return;
         }
     };
@@ -421,17 +430,185 @@ async fn serve_connect(
         .local_addr()
         .map(TargetAddr::Ip)
         .unwrap_or(TargetAddr::UNSPECIFIED);
-    if let Err(e) = send_reply(&mut stream, &Reply::success(bound)).await {
-        return Outcome::Ended(format!("client gone before the reply: {e}"));
+    match open.mobility {
+        None => {
+            if let Err(e) = send_reply(&mut stream, &Reply::success(bound)).await {
+                return Outcome::Ended(format!("client gone before the reply: {e}"));
+            }
+            run_relay(
+                shared,
+                stream,
+                server,
+                client,
+                open,
+                reader.leftover(),
+                traffic,
+            )
+            .await
+        }
+        Some(options) => {
+            let mut session = match MobileSession::register(shared, client, &stream) {
+                Ok(s) => s,
+                Err(e) => {
+                    return refuse(
+                        &mut stream,
+                        client,
+                        open,
+                        ReplyCode::GeneralFailure,
+                        &e.to_string(),
+                    )
+                    .await
+                }
+            };
+            if let Err(e) = send_reply(
+                &mut stream,
+                &Reply {
+                    code: ReplyCode::Succeeded,
+                    bound,
+                    extension: session.extension(),
+                },
+            )
+            .await
+            {
+                return Outcome::Ended(format!("client gone before the reply: {e}"));
+            }
+            session
+                .run(
+                    client,
+                    open,
+                    options,
+                    stream,
+                    server,
+                    reader.leftover(),
+                    traffic,
+                )
+                .await
+        }
     }
-    run_relay(
-        shared,
+}
+
+/// An MSOCKS session between registration and its end: the token is forgotten on drop.
+pub(crate) struct MobileSession<'a> {
+    shared: &'a Shared,
+    id: msocks_proto::ConnectionId,
+    attach_rx: Option<tokio::sync::mpsc::Receiver<crate::registry::Attach>>,
+}
+
+impl<'a> MobileSession<'a> {
+    /// Issues a connection identifier whose home is `mobility.home`, or this listener's port
+    /// on "any address of the proxy".
+    pub(crate) fn register(
+        shared: &'a Shared,
+        client: &Client,
+        stream: &TcpStream,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let local = stream.local_addr()?;
+        let token = shared.registry.register(client.user.clone(), tx)?;
+        let home = shared.config.mobility.home.unwrap_or_else(|| {
+            let any = if local.is_ipv4() {
+                std::net::IpAddr::from([0u8; 4])
+            } else {
+                std::net::IpAddr::from([0u16; 8])
+            };
+            SocketAddr::new(any, local.port())
+        });
+        Ok(MobileSession {
+            shared,
+            id: msocks_proto::ConnectionId { token, home },
+            attach_rx: Some(rx),
+        })
+    }
+
+    /// The reply trailer carrying the identifier.
+    pub(crate) fn extension(&self) -> msocks_proto::ReplyExtension {
+        msocks_proto::ReplyExtension::Connection(self.id)
+    }
+
+    /// Runs the session's engine to its end.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn run(
+        &mut self,
+        client: &Client,
+        open: &OpenRequest,
+        options: msocks_proto::MobilityOptions,
+        stream: TcpStream,
+        server: TcpStream,
+        early: &[u8],
+        traffic: &Traffic,
+    ) -> Outcome {
+        info!(
+            session = client.id,
+            client = %client.peer,
+            user = %client.user_name(),
+            cmd = %open.command.name(),
+            dest = %open.target,
+            server = %server.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+            token = %self.id.token,
+            home = %self.id.home,
+            "MSOCKS session opened"
+        );
+        let Some(rx) = self.attach_rx.take() else {
+            return Outcome::Ended("engine already ran".into());
+        };
+        let engine = crate::mobile::MobileEngine::new(
+            self.shared,
+            client,
+            traffic,
+            options,
+            stream,
+            server,
+            early,
+        );
+        let reason = engine.run(rx).await;
+        Outcome::Ended(reason)
+    }
+}
+
+impl Drop for MobileSession<'_> {
+    fn drop(&mut self) {
+        self.shared.registry.remove(&self.id.token);
+    }
+}
+
+/// A RECONNECT: hands the connection to the session's engine, which replies.
+async fn reconnect(
+    shared: &Shared,
+    stream: TcpStream,
+    client: &Client,
+    rc: msocks_proto::ReconnectRequest,
+) {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let attach = crate::registry::Attach {
         stream,
-        server,
-        client,
-        open,
-        reader.leftover(),
-        traffic,
-    )
-    .await
+        data_read: rc.data_read,
+        data_written: rc.data_written,
+        peer: client.peer,
+        done: done_tx,
+    };
+    match shared
+        .registry
+        .attach(&rc.token, client.user.as_deref(), attach)
+    {
+        Ok(()) => match done_rx.await {
+            Ok(Ok(summary)) => {
+                info!(session = client.id, client = %client.peer, user = %client.user_name(), token = %rc.token, "RECONNECT accepted: {summary}")
+            }
+            Ok(Err(why)) => {
+                info!(session = client.id, client = %client.peer, user = %client.user_name(), token = %rc.token, reason = %why, "RECONNECT refused")
+            }
+            Err(_) => {
+                info!(session = client.id, client = %client.peer, token = %rc.token, "RECONNECT dropped: the session ended")
+            }
+        },
+        Err((why, returned)) => {
+            let mut stream = returned.stream;
+            let code = match why {
+                crate::registry::LookupError::Unknown => ReplyCode::UnknownSession,
+                crate::registry::LookupError::Busy => ReplyCode::SessionBusy,
+            };
+            let _ = send_reply(&mut stream, &Reply::failure(code)).await;
+            info!(session = client.id, client = %client.peer, user = %client.user_name(), token = %rc.token, reply = %code, "RECONNECT refused");
+        }
+    }
 }

@@ -1,0 +1,434 @@
+//! The `relay` engine of MSOCKS sessions: the userspace copy of [`crate::relay`], plus what
+//! makes a session survive the loss of its mobile-side connection (paper, section III-B,
+//! adapted to what a userspace relay knows):
+//!
+//! * Server-to-client bytes are kept until the mobile node's TCP acknowledges them (read from
+//!   `TCP_INFO`), in a retention buffer bounded by the mobile-side socket's send buffer plus
+//!   one read; the server is not read while it is full (backpressure), so memory stays bounded.
+//! * When the mobile side breaks, the session parks: the server connection stays open for
+//!   `mobility.park_timeout`, waiting for a RECONNECT.
+//! * A RECONNECT hands the new connection to this engine, which drains what the old
+//!   connection still holds, computes the splice points with [`msocks_proto::resplice`], replies
+//!   on the new connection, and resumes there. A RECONNECT with impossible counters is refused
+//!   (0x81) and leaves the session as it was. RECONNECTs are handled one at a time, so racing
+//!   ones resolve to exactly one live path: the last to be handled.
+//!
+//! Both proxy sockets receive urgent data inline (`SO_OOBINLINE`), so an urgent byte stays in
+//! sequence and in the counters instead of being taken out of the stream.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use msocks_proto::{
+    resplice, MobilityOptions, Reply, ReplyCode, ReplyExtension, SessionPosition, TargetAddr,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::registry::Attach;
+use crate::relay::Traffic;
+use crate::server::Shared;
+use crate::session::{send_reply, Client};
+use crate::tcp_state;
+
+/// How often acknowledgments are polled while nothing else can wake the engine (only when
+/// the session waits for the last bytes to be acknowledged before it can end).
+const ACK_POLL: Duration = Duration::from_millis(10);
+
+/// One mobile-side connection of a session.
+struct MobilePath {
+    stream: TcpStream,
+    peer: SocketAddr,
+    /// Bytes written on this socket before session data (SOCKS replies).
+    preamble: u64,
+    /// Server-to-client offset of the first data byte sent on this socket.
+    start: u64,
+    /// Data bytes written on this socket.
+    written: u64,
+    /// The connection failed; kept only so a RECONNECT can drain and measure it.
+    broken: bool,
+    /// The server's FIN was passed on over this connection.
+    fin_sent: bool,
+}
+
+impl MobilePath {
+    fn new(stream: TcpStream, peer: SocketAddr, start: u64) -> Self {
+        let _ = stream.set_nodelay(true);
+        let _ = socket2::SockRef::from(&stream).set_out_of_band_inline(true);
+        let preamble = tcp_state::bytes_queued(&stream).unwrap_or(0);
+        MobilePath {
+            stream,
+            peer,
+            preamble,
+            start,
+            written: 0,
+            broken: false,
+            fin_sent: false,
+        }
+    }
+
+    /// Server-to-client offset the mobile node's TCP has acknowledged on this connection.
+    fn acked(&self) -> Option<u64> {
+        let on_socket = tcp_state::bytes_acked(&self.stream).ok()?;
+        Some(self.start + on_socket.saturating_sub(self.preamble).min(self.written))
+    }
+}
+
+/// The state of one MSOCKS session's byte streams.
+pub(crate) struct MobileEngine<'a> {
+    shared: &'a Shared,
+    client: &'a Client,
+    traffic: &'a Traffic,
+    options: MobilityOptions,
+    server: TcpStream,
+    path: Option<MobilePath>,
+    /// Server-to-client bytes from `base` (acknowledged by the mobile node) to what was read
+    /// from the server.
+    retained: VecDeque<u8>,
+    base: u64,
+    down_sent: u64,
+    server_eof: bool,
+    /// Client-to-server bytes received from the mobile node, not yet written to the server.
+    up_pending: Vec<u8>,
+    up_pending_pos: usize,
+    up_received: u64,
+    client_eof: bool,
+    up_fin_sent: bool,
+    parked_since: Option<Instant>,
+    last_activity: Instant,
+    moves: u64,
+    read_buf: Vec<u8>,
+}
+
+impl<'a> MobileEngine<'a> {
+    pub(crate) fn new(
+        shared: &'a Shared,
+        client: &'a Client,
+        traffic: &'a Traffic,
+        options: MobilityOptions,
+        stream: TcpStream,
+        server: TcpStream,
+        early: &[u8],
+    ) -> Self {
+        let _ = socket2::SockRef::from(&server).set_out_of_band_inline(true);
+        let peer = client.peer;
+        MobileEngine {
+            shared,
+            client,
+            traffic,
+            options,
+            server,
+            path: Some(MobilePath::new(stream, peer, 0)),
+            retained: VecDeque::new(),
+            base: 0,
+            down_sent: 0,
+            server_eof: false,
+            up_pending: early.to_vec(),
+            up_pending_pos: 0,
+            up_received: early.len() as u64,
+            client_eof: false,
+            up_fin_sent: false,
+            parked_since: None,
+            last_activity: Instant::now(),
+            moves: 0,
+            read_buf: vec![0u8; shared.config.limits.buffer_size],
+        }
+    }
+
+    fn down_read(&self) -> u64 {
+        self.base + self.retained.len() as u64
+    }
+
+    fn live_path(&self) -> Option<&MobilePath> {
+        self.path.as_ref().filter(|p| !p.broken)
+    }
+
+    /// Drops retained bytes the mobile node has acknowledged.
+    fn trim(&mut self) {
+        let Some(acked) = self.path.as_ref().and_then(|p| p.acked()) else {
+            return;
+        };
+        if acked > self.base {
+            let n = (acked - self.base).min(self.retained.len() as u64);
+            self.retained.drain(..n as usize);
+            self.base += n;
+        }
+    }
+
+    /// Most bytes retained at once: what the mobile-side socket can hold unacknowledged, plus
+    /// one read.
+    fn retention_limit(&self) -> usize {
+        let sndbuf = self
+            .path
+            .as_ref()
+            .and_then(|p| socket2::SockRef::from(&p.stream).send_buffer_size().ok())
+            .unwrap_or(256 * 1024);
+        sndbuf + self.read_buf.len()
+    }
+
+    fn park(&mut self, why: &str) {
+        if let Some(p) = &mut self.path {
+            if !p.broken {
+                p.broken = true;
+                self.parked_since = Some(Instant::now());
+                info!(session = self.client.id, client = %p.peer, reason = why, "mobile side lost; session parked, waiting for RECONNECT");
+            }
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.server_eof
+            && self.up_fin_sent
+            && self
+                .live_path()
+                .is_some_and(|p| p.fin_sent && p.acked() == Some(self.down_read()))
+    }
+
+    /// Runs the session to its end; returns the reason.
+    pub(crate) async fn run(mut self, attach_rx: mpsc::Receiver<Attach>) -> String {
+        let reason = self.run_loop(attach_rx).await;
+        format!("{reason}; moves={}", self.moves)
+    }
+
+    async fn run_loop(&mut self, mut attach_rx: mpsc::Receiver<Attach>) -> String {
+        let idle = self.shared.config.limits.idle_timeout;
+        let park_timeout = self.shared.config.mobility.park_timeout;
+        loop {
+            self.trim();
+            if self.finished() {
+                return "closed by both ends".into();
+            }
+            let limit = self.retention_limit();
+            let alive = self.live_path().is_some();
+            let want_server_read = !self.server_eof && self.retained.len() < limit;
+            let want_client_write = alive && self.down_sent < self.down_read();
+            let want_client_read =
+                alive && !self.client_eof && self.up_pending_pos >= self.up_pending.len();
+            let want_server_write = self.up_pending_pos < self.up_pending.len();
+            if alive && self.server_eof && self.down_sent == self.down_read() {
+                if let Some(p) = self.path.as_mut().filter(|p| !p.fin_sent) {
+                    let _ = socket2::SockRef::from(&p.stream).shutdown(std::net::Shutdown::Write);
+                    p.fin_sent = true;
+                }
+            }
+            if self.client_eof && !want_server_write && !self.up_fin_sent {
+                let _ = socket2::SockRef::from(&self.server).shutdown(std::net::Shutdown::Write);
+                self.up_fin_sent = true;
+            }
+            let waiting_for_acks = alive && self.server_eof && self.up_fin_sent;
+            let park_deadline = self.parked_since.map(|t| t + park_timeout);
+            let idle_deadline = (!idle.is_zero() && alive).then(|| self.last_activity + idle);
+            let server = &self.server;
+            let path = self.path.as_ref().map(|p| &p.stream);
+            tokio::select! {
+                r = server.readable(), if want_server_read => {
+                    if let Err(e) = r { return self.server_failed(e).await; }
+                    let room = (limit - self.retained.len()).min(self.read_buf.len());
+                    match self.server.try_read(&mut self.read_buf[..room]) {
+                        Ok(0) => self.server_eof = true,
+                        Ok(n) => {
+                            self.retained.extend(&self.read_buf[..n]);
+                            self.last_activity = Instant::now();
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => return self.server_failed(e).await,
+                    }
+                }
+                r = async { path.expect("guarded by want_client_write").writable().await }, if want_client_write => {
+                    match r {
+                        Ok(()) => self.write_to_client(),
+                        Err(e) => self.park(&format!("write readiness: {e}")),
+                    }
+                }
+                r = async { path.expect("guarded by want_client_read").readable().await }, if want_client_read => {
+                    match r {
+                        Ok(()) => self.read_from_client(),
+                        Err(e) => self.park(&format!("read readiness: {e}")),
+                    }
+                }
+                r = server.writable(), if want_server_write => {
+                    if let Err(e) = r { return self.server_failed(e).await; }
+                    match self.server.try_write(&self.up_pending[self.up_pending_pos..]) {
+                        Ok(n) => {
+                            self.up_pending_pos += n;
+                            self.traffic.up.fetch_add(n as u64, Ordering::Relaxed);
+                            if self.up_pending_pos == self.up_pending.len() {
+                                self.up_pending.clear();
+                                self.up_pending_pos = 0;
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => return self.server_failed(e).await,
+                    }
+                }
+                a = attach_rx.recv() => match a {
+                    Some(a) => self.attach(a).await,
+                    None => return "session table closed".into(),
+                },
+                () = tokio::time::sleep(ACK_POLL), if waiting_for_acks => {}
+                () = sleep_until_opt(park_deadline) => {
+                    return format!("no RECONNECT within the park timeout ({park_timeout:?})");
+                }
+                () = sleep_until_opt(idle_deadline) => {
+                    if Instant::now() >= self.last_activity + idle {
+                        return "idle timeout".into();
+                    }
+                }
+                () = self.shared.abort.cancelled() => return "proxy shutdown".into(),
+            }
+        }
+    }
+
+    fn write_to_client(&mut self) {
+        let Some(p) = self.path.as_mut() else { return };
+        let idx = (self.down_sent - self.base) as usize;
+        let (a, b) = self.retained.as_slices();
+        let chunk = if idx < a.len() {
+            &a[idx..]
+        } else {
+            &b[idx - a.len()..]
+        };
+        match p.stream.try_write(chunk) {
+            Ok(n) => {
+                self.down_sent += n as u64;
+                p.written += n as u64;
+                self.traffic.down.fetch_add(n as u64, Ordering::Relaxed);
+                self.last_activity = Instant::now();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => self.park(&format!("write failed: {e}")),
+        }
+    }
+
+    fn read_from_client(&mut self) {
+        let Some(p) = self.path.as_mut() else { return };
+        match p.stream.try_read(&mut self.read_buf) {
+            Ok(0) => self.client_eof = true,
+            Ok(n) => {
+                self.up_pending.clear();
+                self.up_pending.extend_from_slice(&self.read_buf[..n]);
+                self.up_pending_pos = 0;
+                self.up_received += n as u64;
+                self.last_activity = Instant::now();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => self.park(&format!("read failed: {e}")),
+        }
+    }
+
+    /// Takes every byte the old mobile-side connection still holds (it was acknowledged to
+    /// the mobile node, so it counts as received).
+    fn drain_old_path(&mut self) {
+        let Some(p) = self.path.as_mut() else { return };
+        if self.client_eof {
+            return;
+        }
+        loop {
+            match p.stream.try_read(&mut self.read_buf) {
+                Ok(0) => {
+                    self.client_eof = true;
+                    return;
+                }
+                Ok(n) => {
+                    if self.up_pending_pos > 0 {
+                        self.up_pending.drain(..self.up_pending_pos);
+                        self.up_pending_pos = 0;
+                    }
+                    self.up_pending.extend_from_slice(&self.read_buf[..n]);
+                    self.up_received += n as u64;
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    async fn attach(&mut self, mut a: Attach) {
+        self.drain_old_path();
+        self.trim();
+        let pos = SessionPosition {
+            read_origin: self.options.read_origin,
+            write_origin: self.options.write_origin,
+            down_sent: self.down_sent,
+            down_acked: self.base,
+            up_received: self.up_received,
+        };
+        let splice = match resplice(&pos, a.data_read, a.data_written) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = send_reply(&mut a.stream, &Reply::failure(ReplyCode::BadCounters)).await;
+                warn!(session = self.client.id, from = %a.peer, error = %e, position = ?pos, "RECONNECT refused: impossible counters (0x81); session unchanged");
+                let _ = a.done.send(Err(format!("impossible counters: {e}")));
+                return;
+            }
+        };
+        let bound = self
+            .server
+            .local_addr()
+            .map(TargetAddr::Ip)
+            .unwrap_or(TargetAddr::UNSPECIFIED);
+        let reply = Reply {
+            code: ReplyCode::Succeeded,
+            bound,
+            extension: ReplyExtension::Resume(splice.counters),
+        };
+        let sent = tokio::time::timeout(
+            self.shared.config.limits.handshake_timeout,
+            send_reply(&mut a.stream, &reply),
+        )
+        .await;
+        if !matches!(sent, Ok(Ok(()))) {
+            let _ = a
+                .done
+                .send(Err("the new connection failed before the reply".into()));
+            return;
+        }
+        let _ = a.stream.flush().await;
+        // Bytes before the resume point are with the application already (read, or waiting
+        // in the old socket to be salvaged).
+        let drop_n = (splice.resume_down_at - self.base).min(self.retained.len() as u64);
+        self.retained.drain(..drop_n as usize);
+        self.base += drop_n;
+        self.down_sent = splice.resume_down_at;
+        let old = self
+            .path
+            .replace(MobilePath::new(a.stream, a.peer, splice.resume_down_at));
+        let old_peer = old.as_ref().map(|p| p.peer.to_string()).unwrap_or_default();
+        drop(old);
+        self.parked_since = None;
+        self.last_activity = Instant::now();
+        self.moves += 1;
+        let summary = format!(
+            "resumed at {} (from {old_peer} to {}): data_salvage={} data_write={} moves={}",
+            splice.resume_down_at,
+            a.peer,
+            splice.counters.data_salvage,
+            splice.counters.data_write,
+            self.moves
+        );
+        info!(session = self.client.id, from = %old_peer, to = %a.peer, resume_at = splice.resume_down_at,
+            data_salvage = splice.counters.data_salvage, data_write = splice.counters.data_write, moves = self.moves,
+            "session resumed on a new connection");
+        let _ = a.done.send(Ok(summary));
+    }
+
+    /// The server connection failed: the session cannot continue. The mobile side is reset
+    /// so the application sees the failure as it would have on a direct connection.
+    async fn server_failed(&mut self, e: std::io::Error) -> String {
+        if let Some(p) = &self.path {
+            let _ = socket2::SockRef::from(&p.stream).set_linger(Some(Duration::ZERO));
+        }
+        format!("server error: {e}")
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

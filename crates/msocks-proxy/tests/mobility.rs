@@ -1,0 +1,424 @@
+//! MSOCKS sessions end to end on loopback, driven by a raw client built on `msocks-proto`
+//! so that every counter is chosen by the test: soft moves, salvage (paper Fig. 8), the
+//! client-to-server hole (Fig. 10), impossible counters, unknown and foreign tokens, the park
+//! timeout, and counters that start near 2^32, 2^63 and wrap past 2^64.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use msocks_proto::{
+    Command, ConnectionId, Greeting, Method, MethodSelection, MobilityOptions, OpenRequest,
+    ReconnectRequest, Reply, ReplyCode, ReplyContext, ReplyExtension, Request, ResumeCounters,
+    TargetAddr, UserPassReply, UserPassRequest,
+};
+use msocks_proxy::{Credentials, Proxy, ProxyConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const T: Duration = Duration::from_secs(20);
+
+async fn start_proxy(config: ProxyConfig, creds: Option<Credentials>) -> SocketAddr {
+    let mut config = config;
+    config.listen = vec!["127.0.0.1:0".parse().unwrap()];
+    let proxy = Proxy::bind(config, creds).await.unwrap();
+    let addr = proxy.local_addrs()[0];
+    tokio::spawn(proxy.run(std::future::pending()));
+    addr
+}
+
+async fn read_reply(s: &mut TcpStream, ctx: ReplyContext) -> Reply {
+    let mut buf = Vec::new();
+    loop {
+        if let Some((r, n)) = Reply::decode(&buf, ctx).unwrap() {
+            assert_eq!(
+                n,
+                buf.len(),
+                "nothing may follow the reply before the client asks"
+            );
+            return r;
+        }
+        let b = tokio::time::timeout(T, s.read_u8())
+            .await
+            .expect("reply in time")
+            .expect("reply byte");
+        buf.push(b);
+    }
+}
+
+async fn greet(proxy: SocketAddr, user: Option<(&str, &str)>) -> TcpStream {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    let mut out = Vec::new();
+    let method = if user.is_some() {
+        Method::USER_PASS
+    } else {
+        Method::NO_AUTH
+    };
+    Greeting {
+        methods: vec![method],
+    }
+    .encode(&mut out);
+    s.write_all(&out).await.unwrap();
+    let mut sel = [0u8; 2];
+    s.read_exact(&mut sel).await.unwrap();
+    assert_eq!(
+        MethodSelection::decode(&sel).unwrap().unwrap().0.method,
+        method
+    );
+    if let Some((u, p)) = user {
+        out.clear();
+        UserPassRequest {
+            username: u.into(),
+            password: p.into(),
+        }
+        .encode(&mut out);
+        s.write_all(&out).await.unwrap();
+        let mut r = [0u8; 2];
+        s.read_exact(&mut r).await.unwrap();
+        assert!(UserPassReply::decode(&r).unwrap().unwrap().0.is_success());
+    }
+    s
+}
+
+async fn mconnect(
+    proxy: SocketAddr,
+    target: SocketAddr,
+    opts: MobilityOptions,
+    user: Option<(&str, &str)>,
+) -> (TcpStream, ConnectionId) {
+    let mut s = greet(proxy, user).await;
+    let mut out = Vec::new();
+    Request::Open(OpenRequest {
+        command: Command::Connect,
+        target: TargetAddr::Ip(target),
+        mobility: Some(opts),
+    })
+    .encode(&mut out);
+    s.write_all(&out).await.unwrap();
+    let r = read_reply(&mut s, ReplyContext::MobileOpen).await;
+    assert_eq!(r.code, ReplyCode::Succeeded);
+    let ReplyExtension::Connection(id) = r.extension else {
+        panic!("no identifier: {r:?}")
+    };
+    assert!(id.home.ip().is_unspecified());
+    assert_eq!(id.home.port(), proxy.port());
+    (s, id)
+}
+
+async fn reconnect(
+    proxy: SocketAddr,
+    id: &ConnectionId,
+    data_read: u64,
+    data_written: u64,
+    user: Option<(&str, &str)>,
+) -> (TcpStream, Reply) {
+    let mut s = greet(SocketAddr::new(proxy.ip(), id.home.port()), user).await;
+    let mut out = Vec::new();
+    Request::Reconnect(ReconnectRequest {
+        oob_inline: false,
+        token: id.token,
+        data_read,
+        data_written,
+    })
+    .encode(&mut out);
+    s.write_all(&out).await.unwrap();
+    let r = read_reply(&mut s, ReplyContext::Reconnect).await;
+    (s, r)
+}
+
+fn resume(r: &Reply) -> ResumeCounters {
+    assert_eq!(r.code, ReplyCode::Succeeded, "{r:?}");
+    let ReplyExtension::Resume(c) = r.extension else {
+        panic!("no counters: {r:?}")
+    };
+    c
+}
+
+/// An echo server that counts its connections.
+async fn echo_server() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    (addr, count)
+}
+
+/// A server that sends `blob` and then records everything it receives until EOF. The
+/// receiver gets an empty-handed panic message instead of the bytes if the server ever sees a
+/// second connection (a mobility failure: the server must see one).
+async fn blob_server(blob: Vec<u8>) -> (SocketAddr, tokio::sync::oneshot::Receiver<Vec<u8>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (s, _) = l.accept().await.unwrap();
+        let (mut r, mut w) = s.into_split();
+        let writer = tokio::spawn(async move {
+            w.write_all(&blob).await.unwrap();
+            w.shutdown().await.unwrap();
+        });
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.unwrap();
+        let _ = writer.await;
+        if tokio::time::timeout(Duration::from_millis(200), l.accept())
+            .await
+            .is_ok()
+        {
+            drop(tx); // the test's receive fails: the server saw a second connection
+            return;
+        }
+        let _ = tx.send(got);
+    });
+    (addr, rx)
+}
+
+fn pattern(n: usize, seed: u32) -> Vec<u8> {
+    (0..n as u32)
+        .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 13) as u8)
+        .collect()
+}
+
+#[tokio::test]
+async fn soft_move_keeps_the_stream_and_the_server_connection() {
+    let proxy = start_proxy(ProxyConfig::default(), None).await;
+    let (echo, conns) = echo_server().await;
+    let opts = MobilityOptions {
+        oob_inline: false,
+        read_origin: 1000,
+        write_origin: 5000,
+    };
+    let (mut old, id) = mconnect(proxy, echo, opts, None).await;
+    let a = pattern(10_000, 1);
+    old.write_all(&a).await.unwrap();
+    let mut back = vec![0u8; a.len()];
+    old.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, a);
+    // Give the proxy's view of the acknowledgments a moment on loopback.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for round in 0..5u64 {
+        let n = 10_000 + round * 4_000;
+        let (mut new, reply) = reconnect(proxy, &id, 1000 + n, 5000 + n, None).await;
+        assert_eq!(
+            resume(&reply),
+            ResumeCounters {
+                data_write: 0,
+                data_salvage: 0
+            },
+            "round {round}"
+        );
+        let b = pattern(4_000, round as u32);
+        new.write_all(&b).await.unwrap();
+        let mut back = vec![0u8; b.len()];
+        tokio::time::timeout(T, new.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, b);
+        // The old connection is retired by the proxy.
+        let mut x = [0u8; 1];
+        assert!(matches!(
+            tokio::time::timeout(T, old.read(&mut x)).await.unwrap(),
+            Ok(0) | Err(_)
+        ));
+        old = new;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        conns.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the server saw one connection"
+    );
+}
+
+#[tokio::test]
+async fn slow_reader_salvages_from_the_old_socket_fig8() {
+    let proxy = start_proxy(ProxyConfig::default(), None).await;
+    let blob = pattern(300_000, 7);
+    let (server, got_up) = blob_server(blob.clone()).await;
+    let origin = (1u64 << 32) - 100_000; // counters cross 2^32 during the transfer
+    let opts = MobilityOptions {
+        oob_inline: false,
+        read_origin: origin,
+        write_origin: origin,
+    };
+    let (mut old, id) = mconnect(proxy, server, opts, None).await;
+    // Read only part; let the rest pile up in the old socket (acknowledged by our kernel).
+    let mut first = vec![0u8; 50_000];
+    old.read_exact(&mut first).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (mut new, reply) = reconnect(proxy, &id, origin.wrapping_add(50_000), origin, None).await;
+    let c = resume(&reply);
+    assert_eq!(c.data_write, 0);
+    assert!(
+        c.data_salvage > 0,
+        "the old socket held acknowledged, unread bytes: {c:?}"
+    );
+    let mut salvage = vec![0u8; c.data_salvage as usize];
+    old.read_exact(&mut salvage).await.unwrap();
+    drop(old);
+    let mut rest = Vec::new();
+    tokio::time::timeout(T, new.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut all = first;
+    all.extend_from_slice(&salvage);
+    all.extend_from_slice(&rest);
+    assert_eq!(all.len(), blob.len());
+    assert!(all == blob, "bytes differ after the move");
+    new.shutdown().await.unwrap();
+    assert!(tokio::time::timeout(T, got_up)
+        .await
+        .unwrap()
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn write_hole_is_rewritten_fig10_with_counters_near_2_pow_64() {
+    let proxy = start_proxy(ProxyConfig::default(), None).await;
+    let (server, got_up) = blob_server(Vec::new()).await;
+    let origin = u64::MAX - 60; // data_written wraps past 2^64
+    let opts = MobilityOptions {
+        oob_inline: false,
+        read_origin: 1 << 63,
+        write_origin: origin,
+    };
+    let (mut old, id) = mconnect(proxy, server, opts, None).await;
+    let data = pattern(150, 3);
+    old.write_all(&data[..100]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // As if the last 50 bytes were written into the old socket and lost with it.
+    let (mut new, reply) = reconnect(proxy, &id, 1 << 63, origin.wrapping_add(150), None).await;
+    let c = resume(&reply);
+    assert_eq!(
+        c,
+        ResumeCounters {
+            data_write: 50,
+            data_salvage: 0
+        }
+    );
+    new.write_all(&data[100..]).await.unwrap();
+    new.shutdown().await.unwrap();
+    let mut x = Vec::new();
+    tokio::time::timeout(T, new.read_to_end(&mut x))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        tokio::time::timeout(T, got_up).await.unwrap().unwrap(),
+        data
+    );
+}
+
+#[tokio::test]
+async fn impossible_counters_are_refused_and_the_session_survives() {
+    let proxy = start_proxy(ProxyConfig::default(), None).await;
+    let (echo, _) = echo_server().await;
+    let (mut old, id) = mconnect(proxy, echo, MobilityOptions::default(), None).await;
+    old.write_all(b"0123456789").await.unwrap();
+    let mut b = [0u8; 10];
+    old.read_exact(&mut b).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for (read, written) in [(11, 10), (10, 9), (10, 1 << 40), (u64::MAX, 10)] {
+        let (_, reply) = reconnect(proxy, &id, read, written, None).await;
+        assert_eq!(
+            reply.code,
+            ReplyCode::BadCounters,
+            "read={read} written={written}"
+        );
+    }
+    // The old connection still carries the session.
+    old.write_all(b"still here").await.unwrap();
+    let mut b = [0u8; 10];
+    tokio::time::timeout(T, old.read_exact(&mut b))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&b, b"still here");
+}
+
+#[tokio::test]
+async fn tokens_are_bound_to_their_user_and_unknown_ones_refused() {
+    let creds = Credentials::parse("alice:a\nbob:b\n", std::path::Path::new("users")).unwrap();
+    let proxy = start_proxy(ProxyConfig::default(), Some(creds)).await;
+    let (echo, _) = echo_server().await;
+    let (_old, id) = mconnect(
+        proxy,
+        echo,
+        MobilityOptions::default(),
+        Some(("alice", "a")),
+    )
+    .await;
+    let (_, reply) = reconnect(proxy, &id, 0, 0, Some(("bob", "b"))).await;
+    assert_eq!(
+        reply.code,
+        ReplyCode::UnknownSession,
+        "another user must not take the session"
+    );
+    let mut forged = id;
+    forged.token.0[0] ^= 1;
+    let (_, reply) = reconnect(proxy, &forged, 0, 0, Some(("alice", "a"))).await;
+    assert_eq!(reply.code, ReplyCode::UnknownSession);
+    let (_, reply) = reconnect(proxy, &id, 0, 0, Some(("alice", "a"))).await;
+    assert_eq!(resume(&reply), ResumeCounters::default());
+}
+
+#[tokio::test]
+async fn parked_sessions_end_after_the_park_timeout() {
+    let mut config = ProxyConfig::default();
+    config.mobility.park_timeout = Duration::from_millis(500);
+    let proxy = start_proxy(config, None).await;
+    let (server, got_up) = blob_server(b"hello".to_vec()).await;
+    let (mut old, id) = mconnect(proxy, server, MobilityOptions::default(), None).await;
+    let mut b = [0u8; 5];
+    old.read_exact(&mut b).await.unwrap();
+    // A reset breaks the mobile side; the session parks.
+    socket2::SockRef::from(&old)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(old);
+    // The server connection is closed when the park timeout ends.
+    let up = tokio::time::timeout(T, got_up).await.unwrap().unwrap();
+    assert!(up.is_empty());
+    let (_, reply) = reconnect(proxy, &id, 5, 0, None).await;
+    assert_eq!(reply.code, ReplyCode::UnknownSession);
+}
+
+#[tokio::test]
+async fn a_reset_mobile_side_resumes_with_everything_after_data_read() {
+    let proxy = start_proxy(ProxyConfig::default(), None).await;
+    let blob = pattern(200_000, 9);
+    let (server, _) = blob_server(blob.clone()).await;
+    let (mut old, id) = mconnect(proxy, server, MobilityOptions::default(), None).await;
+    let mut first = vec![0u8; 20_000];
+    old.read_exact(&mut first).await.unwrap();
+    socket2::SockRef::from(&old)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(old);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The proxy resumes at what the old socket acknowledged and asks for the gap as salvage
+    // (a real library would find those bytes in its old socket); everything after the gap
+    // comes on the new connection, exactly once.
+    let (mut new, reply) = reconnect(proxy, &id, 20_000, 0, None).await;
+    let c = resume(&reply);
+    let mut rest = Vec::new();
+    tokio::time::timeout(T, new.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        rest.len() as u64 + c.data_salvage + 20_000,
+        blob.len() as u64
+    );
+    assert!(rest[..] == blob[20_000 + c.data_salvage as usize..]);
+}
