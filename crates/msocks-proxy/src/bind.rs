@@ -4,14 +4,16 @@
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 
-use msocks_proto::{OpenRequest, Reply, ReplyCode, TargetAddr};
+use msocks_proto::{OpenRequest, Reply, ReplyCode, ReplyExtension, TargetAddr};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::info;
 
 use crate::handshake::HandshakeReader;
 use crate::relay::Traffic;
 use crate::server::Shared;
-use crate::session::{allowed_addresses, refuse, run_relay, send_reply, Client, Outcome};
+use crate::session::{
+    allowed_addresses, refuse, run_relay, send_reply, Client, MobileSession, Outcome,
+};
 
 /// The proxy's own address on the route towards `dest` (a connected UDP socket learns it
 /// from the routing table without sending anything).
@@ -89,7 +91,32 @@ pub(crate) async fn serve_bind(
             .await
         }
     };
-    if let Err(e) = send_reply(&mut stream, &Reply::success(TargetAddr::Ip(listen_addr))).await {
+    // An MSOCKS BIND gets its identifier in both replies (docs/PROTOCOL.md).
+    let mut mobile = match open.mobility {
+        None => None,
+        Some(_) => match MobileSession::register(shared, client, &stream) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                return refuse(
+                    &mut stream,
+                    client,
+                    open,
+                    ReplyCode::GeneralFailure,
+                    &e.to_string(),
+                )
+                .await
+            }
+        },
+    };
+    let extension = mobile
+        .as_ref()
+        .map_or(ReplyExtension::None, |m| m.extension());
+    let reply = |addr| Reply {
+        code: ReplyCode::Succeeded,
+        bound: TargetAddr::Ip(addr),
+        extension,
+    };
+    if let Err(e) = send_reply(&mut stream, &reply(listen_addr)).await {
         return Outcome::Ended(format!("client gone before the first BIND reply: {e}"));
     }
     info!(session = client.id, client = %client.peer, user = %client.user_name(), listen = %listen_addr, dest = %open.target, "BIND listening");
@@ -123,17 +150,34 @@ pub(crate) async fn serve_bind(
     let (server, from) = server;
     drop(listener);
     let _ = server.set_nodelay(true);
-    if let Err(e) = send_reply(&mut stream, &Reply::success(TargetAddr::Ip(from))).await {
+    if let Err(e) = send_reply(&mut stream, &reply(from)).await {
         return Outcome::Ended(format!("client gone before the second BIND reply: {e}"));
     }
-    run_relay(
-        shared,
-        stream,
-        server,
-        client,
-        open,
-        reader.leftover(),
-        traffic,
-    )
-    .await
+    match (&mut mobile, open.mobility) {
+        (Some(session), Some(options)) => {
+            session
+                .run(
+                    client,
+                    open,
+                    options,
+                    stream,
+                    server,
+                    reader.leftover(),
+                    traffic,
+                )
+                .await
+        }
+        _ => {
+            run_relay(
+                shared,
+                stream,
+                server,
+                client,
+                open,
+                reader.leftover(),
+                traffic,
+            )
+            .await
+        }
+    }
 }

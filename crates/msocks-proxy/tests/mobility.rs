@@ -422,3 +422,60 @@ async fn a_reset_mobile_side_resumes_with_everything_after_data_read() {
     );
     assert!(rest[..] == blob[20_000 + c.data_salvage as usize..]);
 }
+
+#[tokio::test]
+async fn msocks_bind_session_moves_too() {
+    let proxy = start_proxy(ProxyConfig::default(), None).await;
+    let mut s = greet(proxy, None).await;
+    let mut out = Vec::new();
+    let opts = MobilityOptions {
+        oob_inline: false,
+        read_origin: 1 << 32,
+        write_origin: 7,
+    };
+    let target = TargetAddr::Ip("127.0.0.1:0".parse().unwrap());
+    Request::Open(OpenRequest {
+        command: Command::Bind,
+        target,
+        mobility: Some(opts),
+    })
+    .encode(&mut out);
+    s.write_all(&out).await.unwrap();
+    let first = read_reply(&mut s, ReplyContext::MobileOpen).await;
+    let ReplyExtension::Connection(id) = first.extension else {
+        panic!("{first:?}")
+    };
+    let TargetAddr::Ip(listen) = first.bound else {
+        panic!("{first:?}")
+    };
+    let mut peer = TcpStream::connect(listen).await.unwrap();
+    let second = read_reply(&mut s, ReplyContext::MobileOpen).await;
+    assert_eq!(
+        second.extension,
+        ReplyExtension::Connection(id),
+        "both BIND replies carry the identifier"
+    );
+    peer.write_all(b"from the peer").await.unwrap();
+    let mut b = [0u8; 13];
+    s.read_exact(&mut b).await.unwrap();
+    s.write_all(b"to peer").await.unwrap();
+    let mut b2 = [0u8; 7];
+    peer.read_exact(&mut b2).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (mut new, reply) = reconnect(proxy, &id, (1 << 32) + 13, 7 + 7, None).await;
+    assert_eq!(resume(&reply), ResumeCounters::default());
+    peer.write_all(b"after the move").await.unwrap();
+    let mut b3 = [0u8; 14];
+    tokio::time::timeout(T, new.read_exact(&mut b3))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&b3, b"after the move");
+    new.write_all(b"back").await.unwrap();
+    let mut b4 = [0u8; 4];
+    tokio::time::timeout(T, peer.read_exact(&mut b4))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&b4, b"back");
+}
