@@ -13,8 +13,11 @@
 //!   (0x81) and leaves the session as it was. RECONNECTs are handled one at a time, so racing
 //!   ones resolve to exactly one live path: the last to be handled.
 //!
-//! Both proxy sockets receive urgent data inline (`SO_OOBINLINE`), so an urgent byte stays in
-//! sequence and in the counters instead of being taken out of the stream.
+//! Urgent data (paper, section III-B.6): both proxy sockets receive it inline
+//! (`SO_OOBINLINE`), so an urgent byte keeps its place in the stream and in the counters. The
+//! engine notes where each urgent byte lies (`SIOCATMARK` before each read) and sends that
+//! byte on with `MSG_OOB`, so it arrives as urgent data on the other side too, including
+//! when it is sent again after a RECONNECT.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -93,6 +96,10 @@ pub(crate) struct MobileEngine<'a> {
     base: u64,
     down_sent: u64,
     server_eof: bool,
+    /// Server-to-client offsets of urgent bytes not yet acknowledged.
+    urgent_down: VecDeque<u64>,
+    /// Client-to-server offsets of urgent bytes not yet written to the server.
+    urgent_up: VecDeque<u64>,
     /// Client-to-server bytes received from the mobile node, not yet written to the server.
     up_pending: Vec<u8>,
     up_pending_pos: usize,
@@ -128,6 +135,8 @@ impl<'a> MobileEngine<'a> {
             base: 0,
             down_sent: 0,
             server_eof: false,
+            urgent_down: VecDeque::new(),
+            urgent_up: VecDeque::new(),
             up_pending: early.to_vec(),
             up_pending_pos: 0,
             up_received: early.len() as u64,
@@ -157,7 +166,15 @@ impl<'a> MobileEngine<'a> {
             let n = (acked - self.base).min(self.retained.len() as u64);
             self.retained.drain(..n as usize);
             self.base += n;
+            while self.urgent_down.front().is_some_and(|&u| u < self.base) {
+                self.urgent_down.pop_front();
+            }
         }
+    }
+
+    /// Offset in the client-to-server stream of the next byte to write to the server.
+    fn up_written(&self) -> u64 {
+        self.up_received - (self.up_pending.len() - self.up_pending_pos) as u64
     }
 
     /// Most bytes retained at once: what the mobile-side socket can hold unacknowledged, plus
@@ -229,9 +246,13 @@ impl<'a> MobileEngine<'a> {
                 r = server.readable(), if want_server_read => {
                     if let Err(e) = r { return self.server_failed(e).await; }
                     let room = (limit - self.retained.len()).min(self.read_buf.len());
+                    let urgent = tcp_state::at_urgent_mark(&self.server).unwrap_or(false);
                     match self.server.try_read(&mut self.read_buf[..room]) {
                         Ok(0) => self.server_eof = true,
                         Ok(n) => {
+                            if urgent {
+                                self.urgent_down.push_back(self.down_read());
+                            }
                             self.retained.extend(&self.read_buf[..n]);
                             self.last_activity = Instant::now();
                         }
@@ -253,7 +274,21 @@ impl<'a> MobileEngine<'a> {
                 }
                 r = server.writable(), if want_server_write => {
                     if let Err(e) = r { return self.server_failed(e).await; }
-                    match self.server.try_write(&self.up_pending[self.up_pending_pos..]) {
+                    let written = self.up_written();
+                    let next_urgent = self.urgent_up.front().copied();
+                    let pending = &self.up_pending[self.up_pending_pos..];
+                    let result = match next_urgent {
+                        Some(u) if u == written => {
+                            let sent = socket2::SockRef::from(&self.server).send_with_flags(&pending[..1], libc::MSG_OOB);
+                            if sent.is_ok() {
+                                self.urgent_up.pop_front();
+                            }
+                            sent
+                        }
+                        Some(u) => self.server.try_write(&pending[..((u - written) as usize).min(pending.len())]),
+                        None => self.server.try_write(pending),
+                    };
+                    match result {
                         Ok(n) => {
                             self.up_pending_pos += n;
                             self.traffic.up.fetch_add(n as u64, Ordering::Relaxed);
@@ -293,7 +328,19 @@ impl<'a> MobileEngine<'a> {
         } else {
             &b[idx - a.len()..]
         };
-        match p.stream.try_write(chunk) {
+        // An urgent byte goes alone, with MSG_OOB; ordinary bytes stop just before it.
+        let next_urgent = self.urgent_down.partition_point(|&u| u < self.down_sent);
+        let result = match self.urgent_down.get(next_urgent) {
+            Some(&u) if u == self.down_sent => {
+                socket2::SockRef::from(&p.stream).send_with_flags(&chunk[..1], libc::MSG_OOB)
+            }
+            Some(&u) => {
+                let before = ((u - self.down_sent) as usize).min(chunk.len());
+                p.stream.try_write(&chunk[..before])
+            }
+            None => p.stream.try_write(chunk),
+        };
+        match result {
             Ok(n) => {
                 self.down_sent += n as u64;
                 p.written += n as u64;
@@ -307,9 +354,13 @@ impl<'a> MobileEngine<'a> {
 
     fn read_from_client(&mut self) {
         let Some(p) = self.path.as_mut() else { return };
+        let urgent = tcp_state::at_urgent_mark(&p.stream).unwrap_or(false);
         match p.stream.try_read(&mut self.read_buf) {
             Ok(0) => self.client_eof = true,
             Ok(n) => {
+                if urgent {
+                    self.urgent_up.push_back(self.up_received);
+                }
                 self.up_pending.clear();
                 self.up_pending.extend_from_slice(&self.read_buf[..n]);
                 self.up_pending_pos = 0;
@@ -329,12 +380,16 @@ impl<'a> MobileEngine<'a> {
             return;
         }
         loop {
+            let urgent = tcp_state::at_urgent_mark(&p.stream).unwrap_or(false);
             match p.stream.try_read(&mut self.read_buf) {
                 Ok(0) => {
                     self.client_eof = true;
                     return;
                 }
                 Ok(n) => {
+                    if urgent {
+                        self.urgent_up.push_back(self.up_received);
+                    }
                     if self.up_pending_pos > 0 {
                         self.up_pending.drain(..self.up_pending_pos);
                         self.up_pending_pos = 0;

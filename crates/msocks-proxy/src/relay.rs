@@ -120,6 +120,11 @@ pub async fn relay(
         }
         traffic.up.fetch_add(early.len() as u64, Ordering::Relaxed);
     }
+    // Urgent bytes stay in the stream (inline) instead of being taken out of band, where this
+    // copy loop would never read them and they would be lost. Their urgency is not passed on
+    // by this engine (the MSOCKS engine in `mobile` does that).
+    let _ = socket2::SockRef::from(&client).set_out_of_band_inline(true);
+    let _ = socket2::SockRef::from(&server).set_out_of_band_inline(true);
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     let activity = Activity {

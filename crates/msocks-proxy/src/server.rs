@@ -74,12 +74,14 @@ impl Drop for SessionGuard {
 pub(crate) struct HandshakeSlots {
     max: usize,
     next: AtomicU64,
-    live: Mutex<BTreeMap<u64, CancellationToken>>,
+    live: Arc<Mutex<BTreeMap<u64, CancellationToken>>>,
 }
 
-/// A place in the handshake table; `evicted()` fires if a newer client needed it.
-pub(crate) struct HandshakeSlot<'a> {
-    slots: &'a HandshakeSlots,
+/// A place in the handshake table; `evicted()` fires if a newer client needed it. Taken in
+/// the accept loop, so that a handshake's age is its place in the accept order (not the
+/// order in which the runtime first polls the session tasks).
+pub(crate) struct HandshakeSlot {
+    live: Arc<Mutex<BTreeMap<u64, CancellationToken>>>,
     key: u64,
     token: CancellationToken,
 }
@@ -89,11 +91,11 @@ impl HandshakeSlots {
         HandshakeSlots {
             max,
             next: AtomicU64::new(0),
-            live: Mutex::new(BTreeMap::new()),
+            live: Arc::new(Mutex::new(BTreeMap::new())),
         }
     }
 
-    pub(crate) fn enter(&self) -> HandshakeSlot<'_> {
+    pub(crate) fn enter(&self) -> HandshakeSlot {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
         let token = CancellationToken::new();
         // A poisoned lock only means another task panicked while holding it; the map is
@@ -107,7 +109,7 @@ impl HandshakeSlots {
         }
         live.insert(key, token.clone());
         HandshakeSlot {
-            slots: self,
+            live: self.live.clone(),
             key,
             token,
         }
@@ -119,16 +121,15 @@ impl HandshakeSlots {
     }
 }
 
-impl HandshakeSlot<'_> {
+impl HandshakeSlot {
     pub(crate) async fn evicted(&self) {
         self.token.cancelled().await
     }
 }
 
-impl Drop for HandshakeSlot<'_> {
+impl Drop for HandshakeSlot {
     fn drop(&mut self) {
-        self.slots
-            .live
+        self.live
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.key);
@@ -246,7 +247,10 @@ async fn accept_loop(
             Ok((stream, peer)) => {
                 let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
                 debug!(session = id, client = %peer, "accepted");
-                tracker.spawn(session::serve(shared.clone(), stream, peer, id));
+                // The slot is taken here, in accept order: a client that arrives after a
+                // flood is younger than all of it, however the runtime schedules the tasks.
+                let slot = shared.handshakes.enter();
+                tracker.spawn(session::serve(shared.clone(), stream, peer, id, slot));
             }
             Err(e) => {
                 // Out of descriptors or memory: back off instead of spinning, and say so at

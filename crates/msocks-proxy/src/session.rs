@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 use crate::handshake::{HandshakeReader, ReadError};
 use crate::relay::{relay, RelayEnd, RelayLimits, Traffic};
 use crate::rules::{Query, Verdict};
-use crate::server::Shared;
+use crate::server::{HandshakeSlot, Shared};
 use crate::{bind, connect, resolve, udp};
 
 /// Who is asking, for log lines and rules.
@@ -186,7 +186,13 @@ async fn handshake(
 }
 
 /// Serves one accepted connection to its end.
-pub(crate) async fn serve(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id: u64) {
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    id: u64,
+    slot: HandshakeSlot,
+) {
     let _ = stream.set_nodelay(true);
     let mut client = Client {
         id,
@@ -195,7 +201,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut stream: TcpStream, peer: Sock
     };
     let mut reader = HandshakeReader::new();
     let request = {
-        let slot = shared.handshakes.enter();
+        // Dropped at the end of this block: the handshake is over either way.
+        let slot = slot;
         let timeout = shared.config.limits.handshake_timeout;
         tokio::select! {
             r = tokio::time::timeout(timeout, handshake(&shared, &mut stream, &mut reader, &mut client)) => match r {

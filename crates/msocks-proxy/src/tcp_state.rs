@@ -60,6 +60,25 @@ pub fn bytes_queued(socket: &impl AsRawFd) -> io::Result<u64> {
     Ok(bytes_acked(socket)? + unacknowledged(socket)?)
 }
 
+/// `SIOCATMARK` from Linux's `asm-generic/sockios.h` (the libc crate does not define it for
+/// Linux).
+const SIOCATMARK: libc::c_ulong = 0x8905;
+
+/// Whether the next byte to read is the urgent byte (`SIOCATMARK`). With `SO_OOBINLINE` a
+/// read stops just before the urgent byte, so when this is true the urgent byte is the first
+/// byte of the next read.
+pub fn at_urgent_mark(socket: &impl AsRawFd) -> io::Result<bool> {
+    let fd = socket.as_raw_fd();
+    let mut value: libc::c_int = 0;
+    // SAFETY: SIOCATMARK writes one `int` through the pointer, which points to a live local
+    // `c_int`; `fd` is a borrowed socket descriptor.
+    let rc = unsafe { libc::ioctl(fd, SIOCATMARK, &mut value as *mut libc::c_int) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value != 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,21 +87,26 @@ mod tests {
     #[test]
     fn counts_what_the_peer_acknowledged() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (mut b, _) = l.accept().unwrap();
-        assert_eq!(bytes_queued(&a).unwrap(), 0);
-        a.write_all(&[7u8; 10_000]).unwrap();
-        let mut buf = vec![0u8; 10_000];
-        b.read_exact(&mut buf).unwrap();
-        // Loopback acknowledges at once, but give the ACK a moment to be processed.
-        for _ in 0..100 {
-            if bytes_acked(&a).unwrap() == 10_000 {
-                break;
+        let a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        // Both ends, active and passive: the counts are used relative to a starting point
+        // (the kernel may count the SYN's sequence number as acknowledged).
+        for (mut tx, mut rx) in [(&a, &b), (&b, &a)] {
+            let start = bytes_queued(tx).unwrap();
+            assert_eq!(bytes_acked(tx).unwrap(), start);
+            tx.write_all(&[7u8; 10_000]).unwrap();
+            let mut buf = vec![0u8; 10_000];
+            rx.read_exact(&mut buf).unwrap();
+            // Loopback acknowledges at once, but give the ACK a moment to be processed.
+            for _ in 0..100 {
+                if bytes_acked(tx).unwrap() == start + 10_000 {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
             }
-            std::thread::sleep(std::time::Duration::from_millis(5));
+            assert_eq!(bytes_acked(tx).unwrap(), start + 10_000);
+            assert_eq!(unacknowledged(tx).unwrap(), 0);
+            assert_eq!(bytes_queued(tx).unwrap(), start + 10_000);
         }
-        assert_eq!(bytes_acked(&a).unwrap(), 10_000);
-        assert_eq!(unacknowledged(&a).unwrap(), 0);
-        assert_eq!(bytes_queued(&a).unwrap(), 10_000);
     }
 }

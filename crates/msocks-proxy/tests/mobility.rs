@@ -479,3 +479,75 @@ async fn msocks_bind_session_moves_too() {
         .unwrap();
     assert_eq!(&b4, b"back");
 }
+
+/// Receives one urgent byte (the socket is not in SO_OOBINLINE mode), waiting for it to arrive.
+fn recv_urgent(s: &std::net::TcpStream) -> u8 {
+    let sock = socket2::SockRef::from(s);
+    for _ in 0..200 {
+        let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        match sock.recv_out_of_band(&mut b) {
+            // SAFETY: recv reported one byte written into the buffer.
+            Ok(1) => return unsafe { b[0].assume_init() },
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    panic!("no urgent byte arrived");
+}
+
+#[tokio::test]
+async fn urgent_data_crosses_as_urgent_both_ways_and_after_a_move() {
+    let proxy = start_proxy(ProxyConfig::default(), None).await;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = l.local_addr().unwrap();
+    let (old, id) = mconnect(proxy, target, MobilityOptions::default(), None).await;
+    let (server, _) = l.accept().await.unwrap();
+    let server = server.into_std().unwrap();
+    server.set_nonblocking(false).unwrap();
+    let old = old.into_std().unwrap();
+    old.set_nonblocking(false).unwrap();
+    old.set_read_timeout(Some(T)).unwrap();
+    server.set_read_timeout(Some(T)).unwrap();
+
+    let check = move |from: &std::net::TcpStream, to: &std::net::TcpStream, tag: u8| {
+        use std::io::{Read, Write};
+        let sender = socket2::SockRef::from(from);
+        (&*from).write_all(b"abc").unwrap();
+        sender.send_out_of_band(&[tag]).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        (&*from).write_all(b"def").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let mut b = [0u8; 3];
+        (&*to).read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"abc", "ordinary bytes before the mark");
+        assert_eq!(
+            recv_urgent(to),
+            tag,
+            "the urgent byte arrives as urgent data"
+        );
+        (&*to).read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"def", "ordinary bytes after the mark");
+    };
+    let (server, old) = tokio::task::spawn_blocking(move || {
+        check(&server, &old, b'!'); // server to mobile
+        check(&old, &server, b'?'); // mobile to server
+        (server, old)
+    })
+    .await
+    .unwrap();
+    // Each direction moved 7 stream positions: 6 ordinary bytes and the urgent one. Counting
+    // as an inline-mode client does (docs/PROTOCOL.md 3.10), the move reports 7 each way;
+    // urgent data must then still cross as urgent on the new path.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (new, reply) = reconnect(proxy, &id, 7, 7, None).await;
+    assert_eq!(resume(&reply), ResumeCounters::default());
+    drop(old);
+    let new = new.into_std().unwrap();
+    new.set_nonblocking(false).unwrap();
+    new.set_read_timeout(Some(T)).unwrap();
+    tokio::task::spawn_blocking(move || {
+        check(&server, &new, b'#');
+        check(&new, &server, b'%');
+    })
+    .await
+    .unwrap();
+}
