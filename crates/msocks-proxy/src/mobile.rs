@@ -209,6 +209,13 @@ impl<'a> MobileEngine<'a> {
     /// Runs the session to its end; returns the reason.
     pub(crate) async fn run(mut self, attach_rx: mpsc::Receiver<Attach>) -> String {
         let reason = self.run_loop(attach_rx).await;
+        if !self.finished() {
+            // An abnormal end (park or idle timeout, shutdown, server failure) resets the
+            // mobile side: a FIN there would read as the server's FIN to the client.
+            if let Some(p) = &self.path {
+                let _ = socket2::SockRef::from(&p.stream).set_linger(Some(Duration::ZERO));
+            }
+        }
         format!("{reason}; moves={}", self.moves)
     }
 
@@ -244,7 +251,7 @@ impl<'a> MobileEngine<'a> {
             let path = self.path.as_ref().map(|p| &p.stream);
             tokio::select! {
                 r = server.readable(), if want_server_read => {
-                    if let Err(e) = r { return self.server_failed(e).await; }
+                    if let Err(e) = r { return server_failed(e); }
                     let room = (limit - self.retained.len()).min(self.read_buf.len());
                     let urgent = tcp_state::at_urgent_mark(&self.server).unwrap_or(false);
                     match self.server.try_read(&mut self.read_buf[..room]) {
@@ -257,7 +264,7 @@ impl<'a> MobileEngine<'a> {
                             self.last_activity = Instant::now();
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(e) => return self.server_failed(e).await,
+                        Err(e) => return server_failed(e),
                     }
                 }
                 r = async { path.expect("guarded by want_client_write").writable().await }, if want_client_write => {
@@ -273,7 +280,7 @@ impl<'a> MobileEngine<'a> {
                     }
                 }
                 r = server.writable(), if want_server_write => {
-                    if let Err(e) = r { return self.server_failed(e).await; }
+                    if let Err(e) = r { return server_failed(e); }
                     let written = self.up_written();
                     let next_urgent = self.urgent_up.front().copied();
                     let pending = &self.up_pending[self.up_pending_pos..];
@@ -298,7 +305,7 @@ impl<'a> MobileEngine<'a> {
                             }
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(e) => return self.server_failed(e).await,
+                        Err(e) => return server_failed(e),
                     }
                 }
                 a = attach_rx.recv() => match a {
@@ -382,10 +389,10 @@ impl<'a> MobileEngine<'a> {
         loop {
             let urgent = tcp_state::at_urgent_mark(&p.stream).unwrap_or(false);
             match p.stream.try_read(&mut self.read_buf) {
-                Ok(0) => {
-                    self.client_eof = true;
-                    return;
-                }
+                // Not taken as the client's FIN: a socket whose error was already reported
+                // also reads as end-of-file. A client that had shut down its sending side
+                // repeats the shutdown on the new connection (docs/PROTOCOL.md 3.7).
+                Ok(0) => return,
                 Ok(n) => {
                     if urgent {
                         self.urgent_up.push_back(self.up_received);
@@ -470,15 +477,12 @@ impl<'a> MobileEngine<'a> {
             "session resumed on a new connection");
         let _ = a.done.send(Ok(summary));
     }
+}
 
-    /// The server connection failed: the session cannot continue. The mobile side is reset
-    /// so the application sees the failure as it would have on a direct connection.
-    async fn server_failed(&mut self, e: std::io::Error) -> String {
-        if let Some(p) = &self.path {
-            let _ = socket2::SockRef::from(&p.stream).set_linger(Some(Duration::ZERO));
-        }
-        format!("server error: {e}")
-    }
+/// The server connection failed: the session cannot continue (`run` then resets the mobile
+/// side, so the application sees the failure as it would on a direct connection).
+fn server_failed(e: std::io::Error) -> String {
+    format!("server error: {e}")
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

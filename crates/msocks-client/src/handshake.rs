@@ -1,0 +1,357 @@
+//! Talking to the proxy before stream data flows: opening a socket on a path, method
+//! negotiation and RFC 1929 authentication, the MSOCKS CONNECT/BIND request and RECONNECT.
+//!
+//! The client offers exactly one method, so it can pipeline greeting, credentials and request
+//! in a single write (PROTOCOL.md 2.9): on a move that saves one round trip between the new
+//! TCP connection and the RECONNECT reply.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use msocks_proto::{
+    Command, ConnectionId, Decoded, Greeting, Method, MethodSelection, MobilityOptions,
+    OpenRequest, ReconnectRequest, Reply, ReplyCode, ReplyContext, ReplyExtension, Request,
+    ResumeCounters, TargetAddr, UserPassReply, UserPassRequest,
+};
+use socket2::SockRef;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::config::{MobileConfig, ProxyPath};
+use crate::Error;
+
+/// Largest handshake buffer: a reply is at most 58 bytes (PROTOCOL.md 5), and what arrives
+/// after it is stream data, handed over as "leftover". Anything longer without a whole
+/// message is a broken proxy.
+const HANDSHAKE_LIMIT: usize = 4096;
+
+/// Reads whole messages off a stream through a small buffer, keeping what follows them.
+pub(crate) struct Handshake {
+    buf: Vec<u8>,
+}
+
+impl Handshake {
+    pub(crate) fn new() -> Self {
+        Handshake { buf: Vec::new() }
+    }
+
+    /// Reads until `decode` accepts a whole message at the front of the buffer.
+    pub(crate) async fn recv<T>(
+        &mut self,
+        stream: &mut TcpStream,
+        during: &'static str,
+        decode: impl Fn(&[u8]) -> Decoded<T>,
+    ) -> Result<T, Error> {
+        loop {
+            if let Some((msg, used)) = decode(&self.buf)? {
+                self.buf.drain(..used);
+                return Ok(msg);
+            }
+            if self.buf.len() >= HANDSHAKE_LIMIT {
+                return Err(Error::Protocol(
+                    "handshake message longer than any valid one",
+                ));
+            }
+            let mut chunk = [0u8; 1024];
+            let n = stream
+                .read(&mut chunk)
+                .await
+                .map_err(|e| Error::io(during, e))?;
+            if n == 0 {
+                return Err(Error::ProxyClosed(during));
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Stream bytes that arrived in the same reads as the last message.
+    pub(crate) fn into_leftover(self) -> Vec<u8> {
+        self.buf
+    }
+}
+
+/// Socket options shared by every connection a stream makes.
+#[derive(Debug, Clone)]
+pub(crate) struct SocketOptions {
+    pub(crate) send_buffer: usize,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) tcp_user_timeout: Option<Duration>,
+}
+
+impl SocketOptions {
+    pub(crate) fn from_config(cfg: &MobileConfig) -> Self {
+        SocketOptions {
+            send_buffer: cfg.send_buffer,
+            connect_timeout: cfg.connect_timeout,
+            tcp_user_timeout: cfg.tcp_user_timeout,
+        }
+    }
+}
+
+/// A TCP connection to `dest` over `path`: bound to the path's local address and interface,
+/// `TCP_NODELAY` on (handshake messages and small writes must not wait for Nagle), and
+/// `SO_SNDBUF` set so that the ring buffer can cover everything the socket may hold.
+pub(crate) async fn open_socket(
+    path: &ProxyPath,
+    dest: SocketAddr,
+    opts: &SocketOptions,
+) -> Result<TcpStream, Error> {
+    let setup = |e| Error::connect(dest, e);
+    let socket = if dest.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(setup)?;
+    {
+        let sock = SockRef::from(&socket);
+        sock.set_tcp_nodelay(true).map_err(setup)?;
+        // Urgent bytes stay in the stream: the proxy forwards urgent data with MSG_OOB, and
+        // out of band the kernel would take the byte out of the stream, where this library
+        // never reads it, so it would be lost and `data_read` would miss it.
+        sock.set_out_of_band_inline(true).map_err(setup)?;
+        sock.set_send_buffer_size(opts.send_buffer).map_err(setup)?;
+        if let Some(name) = &path.interface {
+            sock.bind_device(Some(name.as_bytes())).map_err(setup)?;
+        }
+        if let Some(timeout) = opts.tcp_user_timeout {
+            sock.set_tcp_user_timeout(Some(timeout)).map_err(setup)?;
+        }
+    }
+    if let Some(local) = path.local_addr {
+        socket.bind(SocketAddr::new(local, 0)).map_err(setup)?;
+    }
+    match tokio::time::timeout(opts.connect_timeout, socket.connect(dest)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(Error::connect(dest, e)),
+        Err(_) => Err(Error::Timeout("TCP connection to the proxy")),
+    }
+}
+
+/// The kernel's `SO_SNDBUF` of a connected socket: the ring buffer's capacity.
+pub(crate) fn send_buffer_of(stream: &TcpStream) -> Result<usize, Error> {
+    SockRef::from(stream)
+        .send_buffer_size()
+        .map_err(|e| Error::io("reading SO_SNDBUF", e))
+}
+
+/// Appends the greeting offering exactly one method, and the credentials if any.
+fn encode_auth(out: &mut Vec<u8>, cfg: &MobileConfig) {
+    let method = if cfg.credentials.is_some() {
+        Method::USER_PASS
+    } else {
+        Method::NO_AUTH
+    };
+    Greeting {
+        methods: vec![method],
+    }
+    .encode(out);
+    if let Some(creds) = &cfg.credentials {
+        UserPassRequest {
+            username: creds.username.clone(),
+            password: creds.password.clone(),
+        }
+        .encode(out);
+    }
+}
+
+/// Reads the method selection and, with credentials, the RFC 1929 verdict.
+async fn finish_auth(
+    hs: &mut Handshake,
+    stream: &mut TcpStream,
+    cfg: &MobileConfig,
+) -> Result<(), Error> {
+    let selection = hs
+        .recv(stream, "method negotiation", MethodSelection::decode)
+        .await?;
+    let offered = if cfg.credentials.is_some() {
+        Method::USER_PASS
+    } else {
+        Method::NO_AUTH
+    };
+    if selection.method == Method::NO_ACCEPTABLE {
+        return Err(Error::NoAcceptableMethod);
+    }
+    if selection.method != offered {
+        return Err(Error::UnexpectedMethod(selection.method.0));
+    }
+    if cfg.credentials.is_some() {
+        let verdict = hs
+            .recv(stream, "authentication", UserPassReply::decode)
+            .await?;
+        if !verdict.is_success() {
+            return Err(Error::AuthFailed(verdict.status));
+        }
+    }
+    Ok(())
+}
+
+/// A session just opened by MSOCKS CONNECT, or an MSOCKS BIND after its first reply.
+pub(crate) struct Opened {
+    pub(crate) stream: TcpStream,
+    pub(crate) path: ProxyPath,
+    pub(crate) id: ConnectionId,
+    /// BND of the (first) reply.
+    pub(crate) bound: TargetAddr,
+    pub(crate) hs: Handshake,
+}
+
+/// Connects over the first path that accepts a TCP connection and opens a session there.
+///
+/// Only TCP connection failures move on to the next path: an answer from the proxy (a
+/// refusal, 0x07) is the proxy's verdict on the request and would be the same on any path.
+pub(crate) async fn open_session(
+    command: Command,
+    target: &TargetAddr,
+    cfg: &MobileConfig,
+) -> Result<Opened, Error> {
+    let opts = SocketOptions::from_config(cfg);
+    let mut last = None;
+    for path in &cfg.paths {
+        match open_socket(path, path.proxy, &opts).await {
+            Ok(stream) => {
+                let fut = open_on(stream, path, command, target, cfg);
+                return match tokio::time::timeout(cfg.handshake_timeout, fut).await {
+                    Ok(result) => result,
+                    Err(_) => Err(Error::Timeout("MSOCKS handshake")),
+                };
+            }
+            Err(e) => {
+                tracing::debug!(%path, error = %e, "cannot reach the proxy on this path");
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::Config("no path to the proxy configured".into())))
+}
+
+async fn open_on(
+    mut stream: TcpStream,
+    path: &ProxyPath,
+    command: Command,
+    target: &TargetAddr,
+    cfg: &MobileConfig,
+) -> Result<Opened, Error> {
+    let mut out = Vec::with_capacity(600);
+    encode_auth(&mut out, cfg);
+    Request::Open(OpenRequest {
+        command,
+        target: target.clone(),
+        mobility: Some(MobilityOptions {
+            oob_inline: cfg.oob_inline,
+            read_origin: cfg.read_origin,
+            write_origin: cfg.write_origin,
+        }),
+    })
+    .encode(&mut out);
+    stream
+        .write_all(&out)
+        .await
+        .map_err(|e| Error::io("sending the MSOCKS request", e))?;
+    let mut hs = Handshake::new();
+    finish_auth(&mut hs, &mut stream, cfg).await?;
+    let (id, bound) = read_open_reply(&mut hs, &mut stream).await?;
+    Ok(Opened {
+        stream,
+        path: path.clone(),
+        id,
+        bound,
+        hs,
+    })
+}
+
+/// Reads a reply to MSOCKS CONNECT or BIND (either BIND reply) and its identifier.
+pub(crate) async fn read_open_reply(
+    hs: &mut Handshake,
+    stream: &mut TcpStream,
+) -> Result<(ConnectionId, TargetAddr), Error> {
+    let reply = hs
+        .recv(stream, "MSOCKS reply", |b| {
+            Reply::decode(b, ReplyContext::MobileOpen)
+        })
+        .await?;
+    match (reply.code, reply.extension) {
+        (ReplyCode::Succeeded, ReplyExtension::Connection(id)) => Ok((id, reply.bound)),
+        // The decoder always reads the identifier after a success in this context; kept
+        // total rather than trusting that.
+        (ReplyCode::Succeeded, _) => Err(Error::Protocol("success reply without identifier")),
+        (ReplyCode::CommandNotSupported, _) => Err(Error::MsocksUnsupported),
+        (ReplyCode::MsocksVersionNotSupported, _) => Err(Error::MsocksVersionUnsupported),
+        (code, _) => Err(Error::Refused(code)),
+    }
+}
+
+/// What one RECONNECT attempt needs to know.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReconnectParams {
+    pub(crate) id: ConnectionId,
+    pub(crate) oob_inline: bool,
+    pub(crate) data_read: u64,
+    pub(crate) data_written: u64,
+}
+
+/// A successful RECONNECT: the new connection and what to do with the old one.
+pub(crate) struct Resumed {
+    pub(crate) stream: TcpStream,
+    pub(crate) path: ProxyPath,
+    pub(crate) counters: ResumeCounters,
+    /// Stream bytes read together with the reply: the first bytes of the new connection.
+    pub(crate) leftover: Vec<u8>,
+    /// Time from sending RECONNECT to having its reply (one round trip plus proxy work).
+    pub(crate) reply_time: Duration,
+    /// Time the TCP connection took to establish, for the successful attempt.
+    pub(crate) connect_time: Duration,
+}
+
+/// Sends greeting, credentials and RECONNECT in one write on a fresh connection and reads
+/// the answers. The caller has stopped using the old socket already, so the counters are
+/// final.
+pub(crate) async fn reconnect_on(
+    mut stream: TcpStream,
+    path: &ProxyPath,
+    params: &ReconnectParams,
+    cfg: &MobileConfig,
+    connect_time: Duration,
+) -> Result<Resumed, Error> {
+    let mut out = Vec::with_capacity(600);
+    encode_auth(&mut out, cfg);
+    Request::Reconnect(ReconnectRequest {
+        oob_inline: params.oob_inline,
+        token: params.id.token,
+        data_read: params.data_read,
+        data_written: params.data_written,
+    })
+    .encode(&mut out);
+    let sent = Instant::now();
+    stream
+        .write_all(&out)
+        .await
+        .map_err(|e| Error::io("sending RECONNECT", e))?;
+    let mut hs = Handshake::new();
+    finish_auth(&mut hs, &mut stream, cfg).await?;
+    let reply = hs
+        .recv(&mut stream, "RECONNECT reply", |b| {
+            Reply::decode(b, ReplyContext::Reconnect)
+        })
+        .await?;
+    let counters = match (reply.code, reply.extension) {
+        (ReplyCode::Succeeded, ReplyExtension::Resume(c)) => c,
+        (ReplyCode::Succeeded, _) => {
+            return Err(Error::Protocol("RECONNECT success without resume counters"));
+        }
+        (ReplyCode::UnknownSession, _) => return Err(Error::UnknownSession),
+        (ReplyCode::BadCounters, _) => return Err(Error::BadCounters),
+        (ReplyCode::SessionBusy, _) => return Err(Error::SessionBusy),
+        (ReplyCode::MsocksVersionNotSupported, _) => return Err(Error::MsocksVersionUnsupported),
+        (ReplyCode::CommandNotSupported, _) => return Err(Error::MsocksUnsupported),
+        (code, _) => return Err(Error::ReconnectRefused(code)),
+    };
+    Ok(Resumed {
+        stream,
+        path: path.clone(),
+        counters,
+        leftover: hs.into_leftover(),
+        reply_time: sent.elapsed(),
+        connect_time,
+    })
+}
