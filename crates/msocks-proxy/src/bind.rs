@@ -12,7 +12,7 @@ use crate::handshake::HandshakeReader;
 use crate::relay::Traffic;
 use crate::server::Shared;
 use crate::session::{
-    allowed_addresses, refuse, run_relay, send_reply, Client, MobileSession, Outcome,
+    allowed_addresses, refuse, run_established, send_reply, Client, MobileSession, Outcome,
 };
 
 /// The proxy's own address on the route towards `dest` (a connected UDP socket learns it
@@ -153,31 +153,16 @@ pub(crate) async fn serve_bind(
     if let Err(e) = send_reply(&mut stream, &reply(from)).await {
         return Outcome::Ended(format!("client gone before the second BIND reply: {e}"));
     }
-    match (&mut mobile, open.mobility) {
-        (Some(session), Some(options)) => {
-            session
-                .run(
-                    client,
-                    open,
-                    options,
-                    stream,
-                    server,
-                    reader.leftover(),
-                    traffic,
-                )
-                .await
-        }
-        _ => {
-            run_relay(
-                shared,
-                stream,
-                server,
-                client,
-                open,
-                reader.leftover(),
-                traffic,
-            )
-            .await
-        }
-    }
+    let engine = mobile.as_mut().zip(open.mobility);
+    run_established(
+        shared,
+        engine,
+        stream,
+        server,
+        client,
+        open,
+        reader.leftover(),
+        traffic,
+    )
+    .await
 }

@@ -383,9 +383,12 @@ pub(crate) fn relay_limits(shared: &Shared) -> RelayLimits {
     }
 }
 
-/// Relays an established session and logs its opening.
-pub(crate) async fn run_relay(
+/// Logs the opening of an established session and runs it with its engine: the MSOCKS
+/// engine when `mobile` is given, else the plain relay.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn run_established(
     shared: &Shared,
+    mobile: Option<(&mut MobileSession<'_>, msocks_proto::MobilityOptions)>,
     client_stream: TcpStream,
     server: TcpStream,
     client: &Client,
@@ -393,25 +396,40 @@ pub(crate) async fn run_relay(
     early: &[u8],
     traffic: &Traffic,
 ) -> Outcome {
+    let server_addr = server
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let token = mobile.as_ref().map(|(m, _)| m.id.token.to_string());
     info!(
         session = client.id,
         client = %client.peer,
         user = %client.user_name(),
         cmd = %open.command.name(),
         dest = %open.target,
-        server = %server.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+        server = %server_addr,
+        msocks_token = token.as_deref().unwrap_or("-"),
         "session opened"
     );
-    let end: RelayEnd = relay(
-        client_stream,
-        server,
-        early,
-        relay_limits(shared),
-        traffic,
-        &shared.abort,
-    )
-    .await;
-    Outcome::Ended(end.to_string())
+    match mobile {
+        None => {
+            let end: RelayEnd = relay(
+                client_stream,
+                server,
+                early,
+                relay_limits(shared),
+                traffic,
+                &shared.abort,
+            )
+            .await;
+            Outcome::Ended(end.to_string())
+        }
+        Some((session, options)) => {
+            session
+                .run(client, traffic, options, client_stream, server, early)
+                .await
+        }
+    }
 }
 
 async fn serve_connect(
@@ -442,8 +460,9 @@ async fn serve_connect(
             if let Err(e) = send_reply(&mut stream, &Reply::success(bound)).await {
                 return Outcome::Ended(format!("client gone before the reply: {e}"));
             }
-            run_relay(
+            run_established(
                 shared,
+                None,
                 stream,
                 server,
                 client,
@@ -479,17 +498,17 @@ async fn serve_connect(
             {
                 return Outcome::Ended(format!("client gone before the reply: {e}"));
             }
-            session
-                .run(
-                    client,
-                    open,
-                    options,
-                    stream,
-                    server,
-                    reader.leftover(),
-                    traffic,
-                )
-                .await
+            run_established(
+                shared,
+                Some((&mut session, options)),
+                stream,
+                server,
+                client,
+                open,
+                reader.leftover(),
+                traffic,
+            )
+            .await
         }
     }
 }
@@ -533,28 +552,15 @@ impl<'a> MobileSession<'a> {
     }
 
     /// Runs the session's engine to its end.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn run(
+    async fn run(
         &mut self,
         client: &Client,
-        open: &OpenRequest,
+        traffic: &Traffic,
         options: msocks_proto::MobilityOptions,
         stream: TcpStream,
         server: TcpStream,
         early: &[u8],
-        traffic: &Traffic,
     ) -> Outcome {
-        info!(
-            session = client.id,
-            client = %client.peer,
-            user = %client.user_name(),
-            cmd = %open.command.name(),
-            dest = %open.target,
-            server = %server.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
-            token = %self.id.token,
-            home = %self.id.home,
-            "MSOCKS session opened"
-        );
         let Some(rx) = self.attach_rx.take() else {
             return Outcome::Ended("engine already ran".into());
         };
@@ -567,8 +573,7 @@ impl<'a> MobileSession<'a> {
             server,
             early,
         );
-        let reason = engine.run(rx).await;
-        Outcome::Ended(reason)
+        Outcome::Ended(engine.run(rx).await)
     }
 }
 
