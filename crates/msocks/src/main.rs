@@ -129,14 +129,21 @@ fn error_chain(e: &anyhow::Error) -> String {
     text
 }
 
-fn run_demo(args: &demo::DemoArgs) -> Result<()> {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+/// Logs to standard error, in colour only when it is a terminal (a log file or a pipe gets
+/// plain text).
+fn init_tracing(filter: tracing_subscriber::EnvFilter) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
+}
+
+fn run_demo(args: &demo::DemoArgs) -> Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    init_tracing(filter);
     if demo::run(args)? {
         Ok(())
     } else {
@@ -202,11 +209,7 @@ fn init_logging(config: &ProxyConfig, flag: Option<&str>) -> Result<()> {
         (None, None) => EnvFilter::try_new(&config.log.level)
             .with_context(|| format!("invalid [log] level {:?}", config.log.level))?,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    init_tracing(filter);
     Ok(())
 }
 
