@@ -144,8 +144,49 @@ pub fn resplice(
     })
 }
 
+/// For a client that receives urgent data out of band (paper, section III-B.6): its
+/// `data_read` counts only the bytes it read in band, while urgent bytes still occupy stream
+/// positions. Given the sorted stream offsets of the urgent bytes the proxy sent, returns the
+/// stream offset reached after `inband` in-band bytes. An urgent byte right at that offset is
+/// not counted as read: it is sent again (as urgent) rather than risk losing it.
+pub fn stream_offset_of_inband(inband: u64, urgent: &[u64]) -> u64 {
+    let mut offset = inband;
+    for &u in urgent {
+        if u < offset {
+            offset += 1;
+        } else {
+            break;
+        }
+    }
+    offset
+}
+
+/// The in-band bytes among the stream offsets `start..end` (urgent bytes excluded), given the
+/// sorted stream offsets of the urgent bytes: how a salvage span is expressed to a client
+/// that reads urgent data out of band.
+pub fn inband_bytes_in(start: u64, end: u64, urgent: &[u64]) -> u64 {
+    let lo = urgent.partition_point(|&u| u < start);
+    let hi = urgent.partition_point(|&u| u < end);
+    end.saturating_sub(start) - (hi - lo) as u64
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn out_of_band_counting() {
+        // "abc" "!"(urgent at 3) "def" "?"(urgent at 7) "gh"
+        let urgent = [3, 7];
+        assert_eq!(stream_offset_of_inband(0, &urgent), 0);
+        assert_eq!(stream_offset_of_inband(3, &urgent), 3);
+        assert_eq!(stream_offset_of_inband(4, &urgent), 5); // read "abcd": past the "!"
+        assert_eq!(stream_offset_of_inband(6, &urgent), 7);
+        assert_eq!(stream_offset_of_inband(8, &urgent), 10);
+        assert_eq!(inband_bytes_in(3, 10, &urgent), 5);
+        assert_eq!(inband_bytes_in(4, 7, &urgent), 3);
+        assert_eq!(inband_bytes_in(0, 0, &urgent), 0);
+        assert_eq!(stream_offset_of_inband(5, &[]), 5);
+    }
+
     use super::*;
 
     fn pos(sent: u64, acked: u64, received: u64) -> SessionPosition {

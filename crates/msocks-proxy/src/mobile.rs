@@ -24,6 +24,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use msocks_proto::resplice::{counter_at, inband_bytes_in, offset, stream_offset_of_inband};
 use msocks_proto::{
     resplice, MobilityOptions, Reply, ReplyCode, ReplyExtension, SessionPosition, TargetAddr,
 };
@@ -42,6 +43,10 @@ use crate::tcp_state;
 /// How often acknowledgments are polled while nothing else can wake the engine (only when
 /// the session waits for the last bytes to be acknowledged before it can end).
 const ACK_POLL: Duration = Duration::from_millis(10);
+
+/// Most urgent-byte positions remembered per session (8 MiB); beyond it the counters of an
+/// out-of-band client can no longer be translated exactly, which is logged.
+const URGENT_HISTORY_LIMIT: usize = 1 << 20;
 
 /// One mobile-side connection of a session.
 struct MobilePath {
@@ -98,6 +103,10 @@ pub(crate) struct MobileEngine<'a> {
     server_eof: bool,
     /// Server-to-client offsets of urgent bytes not yet acknowledged.
     urgent_down: VecDeque<u64>,
+    /// Server-to-client offsets of every urgent byte so far (bounded by
+    /// [`URGENT_HISTORY_LIMIT`]), to translate the counters of a client that reads urgent data
+    /// out of band.
+    urgent_history: Vec<u64>,
     /// Client-to-server offsets of urgent bytes not yet written to the server.
     urgent_up: VecDeque<u64>,
     /// Client-to-server bytes received from the mobile node, not yet written to the server.
@@ -136,6 +145,7 @@ impl<'a> MobileEngine<'a> {
             down_sent: 0,
             server_eof: false,
             urgent_down: VecDeque::new(),
+            urgent_history: Vec::new(),
             urgent_up: VecDeque::new(),
             up_pending: early.to_vec(),
             up_pending_pos: 0,
@@ -258,7 +268,13 @@ impl<'a> MobileEngine<'a> {
                         Ok(0) => self.server_eof = true,
                         Ok(n) => {
                             if urgent {
-                                self.urgent_down.push_back(self.down_read());
+                                let at = self.down_read();
+                                self.urgent_down.push_back(at);
+                                if self.urgent_history.len() < URGENT_HISTORY_LIMIT {
+                                    self.urgent_history.push(at);
+                                } else if self.urgent_history.len() == URGENT_HISTORY_LIMIT {
+                                    warn!(session = self.client.id, "more urgent bytes than can be remembered: an out-of-band client's counters may be off after a move");
+                                }
                             }
                             self.retained.extend(&self.read_buf[..n]);
                             self.last_activity = Instant::now();
@@ -419,7 +435,25 @@ impl<'a> MobileEngine<'a> {
             down_acked: self.base,
             up_received: self.up_received,
         };
-        let splice = match resplice(&pos, a.data_read, a.data_written) {
+        // A client reading urgent data out of band counts only in-band bytes: translate its
+        // data_read into the stream, and the salvage back into in-band bytes (III-B.6).
+        let out_of_band = !a.oob_inline;
+        let data_read = if out_of_band {
+            let inband = offset(a.data_read, self.options.read_origin);
+            counter_at(
+                self.options.read_origin,
+                stream_offset_of_inband(inband, &self.urgent_history),
+            )
+        } else {
+            a.data_read
+        };
+        let splice = match resplice(&pos, data_read, a.data_written) {
+            Ok(mut s) if out_of_band => {
+                let from = s.resume_down_at - s.counters.data_salvage;
+                s.counters.data_salvage =
+                    inband_bytes_in(from, s.resume_down_at, &self.urgent_history);
+                s
+            }
             Ok(s) => s,
             Err(e) => {
                 let _ = send_reply(&mut a.stream, &Reply::failure(ReplyCode::BadCounters)).await;

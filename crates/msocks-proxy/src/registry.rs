@@ -15,6 +15,8 @@ pub(crate) struct Attach {
     /// The client's counters.
     pub(crate) data_read: u64,
     pub(crate) data_written: u64,
+    /// The client receives urgent data inline from now on (RECONNECT's FLAGS bit 0).
+    pub(crate) oob_inline: bool,
     /// For log lines.
     pub(crate) peer: std::net::SocketAddr,
     /// The engine's verdict, for the RECONNECT handler's log line.

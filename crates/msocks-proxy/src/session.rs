@@ -595,6 +595,7 @@ async fn reconnect(
         stream,
         data_read: rc.data_read,
         data_written: rc.data_written,
+        oob_inline: rc.oob_inline,
         peer: client.peer,
         done: done_tx,
     };

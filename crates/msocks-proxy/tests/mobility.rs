@@ -113,8 +113,9 @@ async fn reconnect(
 ) -> (TcpStream, Reply) {
     let mut s = greet(SocketAddr::new(proxy.ip(), id.home.port()), user).await;
     let mut out = Vec::new();
+    // Inline counting, as the msocks library does (urgent bytes are counted in data_read).
     Request::Reconnect(ReconnectRequest {
-        oob_inline: false,
+        oob_inline: true,
         token: id.token,
         data_read,
         data_written,
@@ -550,4 +551,81 @@ async fn urgent_data_crosses_as_urgent_both_ways_and_after_a_move() {
     })
     .await
     .unwrap();
+}
+
+#[tokio::test]
+async fn out_of_band_clients_counters_are_translated_fig_iii_b6() {
+    let proxy = start_proxy(ProxyConfig::default(), None).await;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = l.local_addr().unwrap();
+    let origin = u64::MAX - 3; // the in-band count wraps too
+    let opts = MobilityOptions {
+        oob_inline: false,
+        read_origin: origin,
+        write_origin: 0,
+    };
+    let (old, id) = mconnect(proxy, target, opts, None).await;
+    let (server, _) = l.accept().await.unwrap();
+    let server = server.into_std().unwrap();
+    server.set_nonblocking(false).unwrap();
+    let old = old.into_std().unwrap();
+    old.set_nonblocking(false).unwrap();
+    old.set_read_timeout(Some(T)).unwrap();
+    let (server, old) = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let sender = socket2::SockRef::from(&server);
+        (&server).write_all(b"abc").unwrap();
+        sender.send_out_of_band(b"!").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        (&server).write_all(b"def").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let mut b = [0u8; 3];
+        (&old).read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"abc");
+        assert_eq!(recv_urgent(&old), b'!');
+        // "def" waits in the socket; the client read 3 bytes in band (and one out of band).
+        (server, old)
+    })
+    .await
+    .unwrap();
+    let mut rc = Vec::new();
+    Request::Reconnect(ReconnectRequest {
+        oob_inline: false,
+        token: id.token,
+        data_read: origin.wrapping_add(3),
+        data_written: 0,
+    })
+    .encode(&mut rc);
+    let mut new = greet(proxy, None).await;
+    new.write_all(&rc).await.unwrap();
+    let reply = read_reply(&mut new, ReplyContext::Reconnect).await;
+    // Stream positions: abc=0..3, !=3, def=4..7. The client has "def" to salvage: 3 in-band
+    // bytes, not the 4 stream positions between its read point and the acknowledged end.
+    assert_eq!(
+        resume(&reply),
+        ResumeCounters {
+            data_write: 0,
+            data_salvage: 3
+        }
+    );
+    let rest = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut b = [0u8; 3];
+        (&old).read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"def", "the salvage");
+        (&server).write_all(b"after").unwrap();
+        server
+    })
+    .await
+    .unwrap();
+    let mut b = [0u8; 5];
+    tokio::time::timeout(T, new.read_exact(&mut b))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        &b, b"after",
+        "the new connection resumes after the urgent byte, nothing repeated"
+    );
+    drop(rest);
 }
