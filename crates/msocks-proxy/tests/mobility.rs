@@ -629,3 +629,77 @@ async fn out_of_band_clients_counters_are_translated_fig_iii_b6() {
     );
     drop(rest);
 }
+
+#[tokio::test]
+async fn racing_reconnects_leave_exactly_one_live_path() {
+    let proxy = start_proxy(ProxyConfig::default(), None).await;
+    let (echo, conns) = echo_server().await;
+    let (old, id) = mconnect(proxy, echo, MobilityOptions::default(), None).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Three RECONNECTs at once with the same (correct) counters.
+    let (a, b, c) = tokio::join!(
+        reconnect(proxy, &id, 0, 0, None),
+        reconnect(proxy, &id, 0, 0, None),
+        reconnect(proxy, &id, 0, 0, None)
+    );
+    let mut live = Vec::new();
+    for (s, r) in [a, b, c] {
+        match r.code {
+            ReplyCode::Succeeded => live.push(s),
+            ReplyCode::SessionBusy => {}
+            other => panic!("unexpected reply {other}"),
+        }
+    }
+    assert!(!live.is_empty());
+    drop(old);
+    // Every winner but the last was replaced, and the proxy closed it; exactly one carries the
+    // session. Probe each: the live one echoes, the others read end-of-file or a reset.
+    let mut working = 0;
+    for mut s in live {
+        let _ = s.write_all(b"ping").await;
+        let mut b = [0u8; 4];
+        match tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut b)).await {
+            Ok(Ok(_)) => {
+                assert_eq!(&b, b"ping");
+                working += 1;
+            }
+            Ok(Err(_)) | Err(_) => {}
+        }
+    }
+    assert_eq!(working, 1, "exactly one live path");
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn reconnect_racing_the_servers_fin_gets_the_rest_and_the_fin() {
+    let proxy = start_proxy(ProxyConfig::default(), None).await;
+    let blob = pattern(100_000, 5);
+    let (server, got_up) = blob_server(blob.clone()).await;
+    let (mut old, id) = mconnect(proxy, server, MobilityOptions::default(), None).await;
+    let mut first = vec![0u8; 1000];
+    old.read_exact(&mut first).await.unwrap();
+    // The server has sent everything and its FIN by now; the mobile side breaks before
+    // reading it all.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    socket2::SockRef::from(&old)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(old);
+    let (mut new, reply) = reconnect(proxy, &id, 1000, 0, None).await;
+    let c = resume(&reply);
+    let mut rest = Vec::new();
+    tokio::time::timeout(T, new.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    // What was acknowledged but lost with the reset socket is the salvage the proxy asks for;
+    // everything after it arrives once, then the FIN (read_to_end returned).
+    assert_eq!(1000 + c.data_salvage as usize + rest.len(), blob.len());
+    assert!(rest[..] == blob[1000 + c.data_salvage as usize..]);
+    new.shutdown().await.unwrap();
+    assert!(tokio::time::timeout(T, got_up)
+        .await
+        .unwrap()
+        .unwrap()
+        .is_empty());
+}
