@@ -13,9 +13,13 @@
 //! * [`Testbed::mobile_proxy_server`] builds the whole mobile node / proxy /
 //!   server topology and supports hard hand-offs with [`Testbed::link_down`]
 //!   and [`Testbed::link_up`].
+//! * [`DelayEmulator`] adds a fixed delay to the packets crossing one
+//!   interface by holding them in userspace through the iptables `NFQUEUE`
+//!   target (the kernels here have no `sch_netem`); [`LinkDelay`] delays
+//!   both directions of a testbed link that way.
 //!
-//! Safety of the host: every command runs with `ip -n NAME` or
-//! `ip netns exec NAME`, so the host's own interfaces, routes and
+//! Safety of the host: every command (iptables too) runs with `ip -n NAME`
+//! or `ip netns exec NAME`, so the host's own interfaces, routes and
 //! `/etc/resolv.conf` are never touched, and the namespaces are connected only
 //! to each other, so traffic cannot leave them. All of this needs root
 //! (`CAP_SYS_ADMIN` and `CAP_NET_ADMIN`); tests call [`require_root`] first.
@@ -25,9 +29,14 @@
 use std::io::Write as _;
 use std::process::ExitStatus;
 
+mod delay;
 mod netns;
 mod testbed;
 
+pub use delay::{
+    DelayConfig, DelayEmulator, DelayStats, Direction, LinkDelay, DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PACKETS, MAX_DELAY, POLL_INTERVAL,
+};
 pub use netns::{veth_pair, LinkStats, Netns, Route, RouteAction, NAME_PREFIX};
 pub use testbed::{Link, Testbed, SV_IF_ON_PX, SV_IF_ON_SV};
 
@@ -90,6 +99,17 @@ pub enum Error {
         /// The namespace's name.
         name: String,
         /// The error from the thread builder.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A netfilter queue for [`DelayEmulator`] could not be set up.
+    #[error("NFQUEUE {op} in network namespace {netns}: {source}")]
+    Queue {
+        /// The namespace's name.
+        netns: String,
+        /// What was attempted.
+        op: &'static str,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },

@@ -659,7 +659,7 @@ fn check_tag(tag: &str) -> Result<()> {
 
 /// Rejects names the kernel would refuse, and anything that could escape
 /// the `/sys/class/net/IF` path in [`Netns::link_stats`].
-fn check_ifname(ifname: &str) -> Result<()> {
+pub(crate) fn check_ifname(ifname: &str) -> Result<()> {
     if ifname.is_empty() || ifname.len() >= IFNAMSIZ {
         return Err(invalid(
             "interface name",

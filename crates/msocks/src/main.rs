@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod bench_move;
 mod demo;
 
 use anyhow::{Context, Result};
@@ -71,6 +72,18 @@ failure; traffic never leaves the namespaces.",
         after_help = "Example: sudo msocks demo --bytes 256MiB --moves 50 --hard-every 5"
     )]
     Demo(demo::DemoArgs),
+    /// Measure how long a soft move takes, in RTTs of the link moved to (root, Linux).
+    #[command(
+        long_about = "Build the namespace testbed with a userspace packet delay on both mobile \
+links (NFQUEUE; default RTTs: wired 10 ms, radio 60 ms), start `msocks proxy` and a server, and \
+move one MobileStream between the links while both ends send a timestamped record every \
+millisecond. For each move: the library's MoveReport (attached, TCP connect, RECONNECT reply) \
+and the time from the move request to the first byte over the new path at the mobile \
+application (down) and at the server (up), in round trips of the link moved to, measured in \
+the same run. Prints a Markdown table (median / max per direction). Needs root.",
+        after_help = "Example: sudo msocks bench-move --moves 20 --wired-rtt 10ms --radio-rtt 60ms"
+    )]
+    BenchMove(bench_move::BenchMoveArgs),
 }
 
 #[derive(Args)]
@@ -105,6 +118,7 @@ fn main() -> ExitCode {
         Command::Proxy(args) => run_proxy(args),
         Command::Passwd { username } => passwd(&username),
         Command::Demo(args) => run_demo(&args),
+        Command::BenchMove(args) => bench_move::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

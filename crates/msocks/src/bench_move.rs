@@ -1,0 +1,766 @@
+//! `msocks bench-move`: how long a soft move takes, in round trips of the link moved to.
+//!
+//! It builds the namespace testbed, gives both mobile links a delay (userspace, per packet,
+//! each direction on arrival at its far end, with [`LinkDelay`]: the kernel has no netem), starts `msocks proxy` and a server, and
+//! opens one [`MobileStream`] through the proxy. Both ends then send a 16-byte record
+//! (sequence number, send time) every millisecond while the stream is moved between the
+//! links, alternately, `--moves` times each way. For every move it records:
+//!
+//! * the library's [`MoveReport`]: `duration` (request to the new connection attached),
+//!   `connect_time`, `reply_time`;
+//! * **down**: from the `migrate()` call until the first byte that travelled over the new
+//!   path reaches the mobile application;
+//! * **up**: from the `migrate()` call until the first byte the mobile application sent over
+//!   the new path reaches the server application.
+//!
+//! "Over the new path" is decided by stream offset, exactly: while the old connection is
+//! frozen for the RECONNECT, the library's published counters stop, and the boundary is
+//! * down: `data_read` at the freeze + `data_salvage` (the salvaged bytes came out of the old
+//!   socket; everything after them came over the new connection);
+//! * up: `data_written` at the freeze − `data_write` (the rewrite is sent again on the new
+//!   connection).
+//!
+//! The frozen counters are sampled from [`MobileControl::status`] by a thread that polls
+//! every 100 µs during the move; a move whose last `Moving` sample was not stable for at
+//! least [`MIN_FROZEN`] (i.e. the freeze was not seen) is counted as unmeasured.
+//!
+//! Times are divided by the round-trip time of the link moved to, measured in the same run
+//! as the median TCP connect time from the mobile node to a listener on the proxy host over
+//! that link (one SYN/SYN-ACK exchange), before and after the moves.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use msocks_client::{
+    MobileConfig, MobileControl, MobileStream, MoveReport, ProxyPath, StreamState,
+};
+use msocks_testbed::{Link, LinkDelay, Netns, Testbed};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Options of `msocks bench-move`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchMoveArgs {
+    /// Round-trip time added to the wired link (half of it to each direction).
+    #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
+    pub wired_rtt: Duration,
+    /// Round-trip time added to the radio link (half of it to each direction).
+    #[arg(long, default_value = "60ms", value_parser = humantime::parse_duration)]
+    pub radio_rtt: Duration,
+    /// Moves in each direction (wired -> radio and radio -> wired), alternating.
+    #[arg(long, default_value_t = 20)]
+    pub moves: u32,
+    /// Pause after each move (once its first bytes arrived) before the next.
+    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+    pub settle: Duration,
+    /// Interval of the 16-byte records each side sends.
+    #[arg(long, default_value = "1ms", value_parser = humantime::parse_duration)]
+    pub record_interval: Duration,
+    /// TCP connects per link for the RTT measurement (before and after the moves each).
+    #[arg(long, default_value_t = 15)]
+    pub rtt_samples: u32,
+    /// Also write one CSV line per move to this file.
+    #[arg(long, value_name = "FILE")]
+    pub csv: Option<PathBuf>,
+}
+
+const PROXY_PORT: u16 = 1080;
+const SERVER_PORT: u16 = 9000;
+/// Port of the RTT probe listeners on the proxy host.
+const PROBE_PORT: u16 = 7;
+/// Bytes per record: sequence number and send time (ns since the run's epoch), both u64 LE.
+const RECORD: usize = 16;
+/// How often the status sampler looks at the stream during a move.
+const SAMPLE_EVERY: Duration = Duration::from_micros(100);
+/// A move's frozen counters must have been seen unchanged for this long; the old path
+/// delivers a record every `--record-interval`, so an unfrozen connection changes faster.
+const MIN_FROZEN: Duration = Duration::from_millis(3);
+/// Longest wait for a move's first new-path bytes.
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Arrival log of one receiving side: `(stream offset after the read, time of the read)`,
+/// plus the send stamps of the records parsed so far (index = sequence number).
+#[derive(Default)]
+struct Arrivals {
+    reads: Vec<(u64, Instant)>,
+    stamps: Vec<u64>,
+    /// First sequence error, if the records did not arrive exactly once and in order.
+    error: Option<String>,
+}
+
+impl Arrivals {
+    /// Logs a read of `data` at `at` and parses the records it completes.
+    fn record(&mut self, pending: &mut Vec<u8>, data: &[u8], at: Instant) {
+        let end = self.reads.last().map_or(0, |r| r.0) + data.len() as u64;
+        self.reads.push((end, at));
+        pending.extend_from_slice(data);
+        let whole = pending.len() / RECORD * RECORD;
+        for rec in pending[..whole].chunks_exact(RECORD) {
+            let (seq, stamp) = parse_record(rec);
+            if seq != self.stamps.len() as u64 && self.error.is_none() {
+                self.error = Some(format!(
+                    "record {seq} arrived where {} was due",
+                    self.stamps.len()
+                ));
+            }
+            self.stamps.push(stamp);
+        }
+        pending.drain(..whole);
+    }
+
+    /// When the byte at stream offset `offset` was read, if it has been.
+    fn arrival_of(&self, offset: u64) -> Option<Instant> {
+        let i = self.reads.partition_point(|r| r.0 <= offset);
+        self.reads.get(i).map(|r| r.1)
+    }
+}
+
+fn parse_record(rec: &[u8]) -> (u64, u64) {
+    let mut seq = [0u8; 8];
+    let mut stamp = [0u8; 8];
+    seq.copy_from_slice(&rec[..8]);
+    stamp.copy_from_slice(&rec[8..RECORD]);
+    (u64::from_le_bytes(seq), u64::from_le_bytes(stamp))
+}
+
+fn make_record(seq: u64, epoch: Instant) -> [u8; RECORD] {
+    let mut rec = [0u8; RECORD];
+    rec[..8].copy_from_slice(&seq.to_le_bytes());
+    rec[8..].copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_le_bytes());
+    rec
+}
+
+/// The proxy process inside the proxy namespace, killed on drop.
+struct ProxyProc(Child);
+
+impl Drop for ProxyProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One measured move.
+#[derive(Debug, Clone)]
+struct Trial {
+    from: Link,
+    to: Link,
+    report: MoveReport,
+    /// Request to the first new-path byte at the mobile application.
+    down: Duration,
+    /// Request to the first new-path byte (from the mobile) at the server application.
+    up: Duration,
+    /// One-way latency (server send to mobile read) of the record holding that first byte.
+    down_record_latency: Duration,
+}
+
+/// Runs the benchmark and prints the results.
+pub fn run(args: &BenchMoveArgs) -> Result<()> {
+    init_logging();
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("msocks bench-move needs root: it creates network namespaces and virtual links");
+    }
+    ensure!(args.moves > 0, "--moves must be at least 1");
+    ensure!(args.rtt_samples > 0, "--rtt-samples must be at least 1");
+    ensure!(
+        args.record_interval >= Duration::from_micros(100)
+            && args.record_interval * 3 <= MIN_FROZEN * 2,
+        "--record-interval must be between 100us and 2ms (the freeze detection relies on it)"
+    );
+    let epoch = Instant::now();
+    eprintln!("building the testbed…");
+    let tb = Testbed::mobile_proxy_server().context("building the network-namespace testbed")?;
+    let _wired_delay = LinkDelay::start(&tb, Link::Wired, args.wired_rtt / 2)
+        .context("delaying the wired link")?;
+    let _radio_delay = LinkDelay::start(&tb, Link::Radio, args.radio_rtt / 2)
+        .context("delaying the radio link")?;
+    let proxy = start_proxy(&tb)?;
+
+    for link in Link::ALL {
+        start_probe_listener(&tb.px, SocketAddr::new(tb.px_ip(link).into(), PROBE_PORT))?;
+    }
+    eprintln!("measuring the links' round-trip times…");
+    let mut rtt_before = Vec::new();
+    for link in Link::ALL {
+        rtt_before.push(measure_rtt(&tb, link, args.rtt_samples)?);
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let server_log = Arc::new(Mutex::new(Arrivals::default()));
+    let server = {
+        let (stop, log, interval) = (stop.clone(), server_log.clone(), args.record_interval);
+        let listener = tb
+            .sv
+            .run_in(|| TcpListener::bind(SocketAddr::from((tb.sv_ip, SERVER_PORT))))?
+            .context("binding the server")?;
+        std::thread::Builder::new()
+            .name("bench server".into())
+            .spawn(move || serve(listener, stop, log, interval, epoch))
+            .context("starting the server thread")?
+    };
+
+    let client_log = Arc::new(Mutex::new(Arrivals::default()));
+    let trials = tb
+        .mn
+        .run_in(|| -> Result<Vec<Trial>> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                tokio::select! {
+                    r = mover(&tb, args, epoch, &stop, &client_log, &server_log) => r,
+                    _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+                }
+            })
+        })
+        .context("running the mobile node")??;
+    stop.store(true, Ordering::Relaxed);
+    let served = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("the server thread panicked"))?;
+    if let Err(e) = served {
+        eprintln!("note: the server ended with an error: {e:#}");
+    }
+
+    let mut rtt_after = Vec::new();
+    for link in Link::ALL {
+        rtt_after.push(measure_rtt(&tb, link, args.rtt_samples)?);
+    }
+    drop(proxy);
+
+    if let Some(e) = &client_log.lock().map_err(|_| poisoned())?.error {
+        bail!("the server's records reached the mobile application out of sequence: {e}");
+    }
+    if let Some(e) = &server_log.lock().map_err(|_| poisoned())?.error {
+        bail!("the mobile's records reached the server application out of sequence: {e}");
+    }
+
+    let rtt = |link: Link| -> Duration {
+        let i = Link::ALL.iter().position(|l| *l == link).unwrap_or(0);
+        let mut all: Vec<Duration> = rtt_before[i].iter().chain(&rtt_after[i]).copied().collect();
+        all.sort();
+        all[all.len() / 2]
+    };
+    print_results(args, &trials, &rtt_before, &rtt_after, rtt);
+    if let Some(path) = &args.csv {
+        write_csv(path, &trials, rtt).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("per-move results written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn poisoned() -> anyhow::Error {
+    anyhow::anyhow!("a measurement thread panicked")
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn start_proxy(tb: &Testbed) -> Result<ProxyProc> {
+    let exe = std::env::current_exe().context("locating the msocks binary")?;
+    let mut child = tb
+        .px
+        .command(&exe)
+        .args([
+            "proxy",
+            "--listen",
+            &format!("0.0.0.0:{PROXY_PORT}"),
+            "--log-level",
+            "warn",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting msocks proxy in the proxy namespace")?;
+    let stderr = child.stderr.take();
+    let proxy = ProxyProc(child);
+    if let Some(err) = stderr {
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("  [proxy] {line}");
+            }
+        });
+    }
+    let proxy_at = SocketAddr::from((tb.px_wired_ip, PROXY_PORT));
+    let ready = tb.mn.run_in(|| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if TcpStream::connect_timeout(&proxy_at, Duration::from_millis(500)).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    })?;
+    ensure!(
+        ready,
+        "msocks proxy did not start listening on {proxy_at} within 10 s"
+    );
+    Ok(proxy)
+}
+
+/// A listener in `ns` that accepts and closes connections until the process ends.
+fn start_probe_listener(ns: &Netns, addr: SocketAddr) -> Result<()> {
+    let listener = ns
+        .run_in(|| TcpListener::bind(addr))?
+        .with_context(|| format!("binding the RTT probe listener on {addr}"))?;
+    std::thread::Builder::new()
+        .name("rtt probe".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                drop(conn);
+            }
+        })
+        .context("starting the RTT probe listener")?;
+    Ok(())
+}
+
+/// TCP connect times from the mobile node over `link` to the proxy host: one SYN/SYN-ACK
+/// round trip of the link each. The proxy's address on the link is on a subnet directly
+/// connected to the mobile node's interface there, so routing picks that link.
+fn measure_rtt(tb: &Testbed, link: Link, samples: u32) -> Result<Vec<Duration>> {
+    let to = SocketAddr::new(tb.px_ip(link).into(), PROBE_PORT);
+    tb.mn.run_in(|| -> Result<Vec<Duration>> {
+        let mut times = Vec::new();
+        for _ in 0..samples {
+            let start = Instant::now();
+            let conn = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+                .with_context(|| format!("RTT probe to {to}"))?;
+            times.push(start.elapsed());
+            drop(conn);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        times.sort();
+        Ok(times)
+    })?
+}
+
+/// The server: accepts one connection, sends a record every `interval` until `stop`, and
+/// logs what arrives.
+fn serve(
+    listener: TcpListener,
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<Arrivals>>,
+    interval: Duration,
+    epoch: Instant,
+) -> Result<()> {
+    let (conn, _) = listener.accept().context("accepting the stream")?;
+    conn.set_nodelay(true)?;
+    let mut writer = conn.try_clone()?;
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut next = Instant::now();
+        let mut seq = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            writer.write_all(&make_record(seq, epoch))?;
+            seq += 1;
+            next += interval;
+            let now = Instant::now();
+            if next > now {
+                std::thread::sleep(next - now);
+            } else {
+                next = now; // late (a stall): no burst to catch up
+            }
+        }
+        writer.shutdown(std::net::Shutdown::Write)
+    });
+    let mut reader = conn;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut pending = Vec::new();
+    loop {
+        let n = reader.read(&mut buf).context("receiving")?;
+        let at = Instant::now();
+        if n == 0 {
+            break;
+        }
+        log.lock()
+            .map_err(|_| poisoned())?
+            .record(&mut pending, &buf[..n], at);
+    }
+    sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("the server's sender panicked"))?
+        .context("sending")?;
+    Ok(())
+}
+
+/// A status sample taken during a move.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: Instant,
+    data_read: u64,
+    data_written: u64,
+}
+
+/// Polls `control` every [`SAMPLE_EVERY`] until `done`, keeping the samples taken while
+/// the stream was moving.
+fn sample_status(control: MobileControl, done: Arc<AtomicBool>) -> Vec<Sample> {
+    let mut samples = Vec::new();
+    while !done.load(Ordering::Relaxed) {
+        let status = control.status();
+        if status.state == StreamState::Moving {
+            samples.push(Sample {
+                at: Instant::now(),
+                data_read: status.data_read,
+                data_written: status.data_written,
+            });
+        }
+        std::thread::sleep(SAMPLE_EVERY);
+    }
+    samples
+}
+
+/// The counters at the freeze: those of the last `Moving` sample, if they had not changed
+/// for at least [`MIN_FROZEN`] before it.
+fn frozen_counters(samples: &[Sample]) -> Option<(u64, u64)> {
+    let last = samples.last()?;
+    let key = (last.data_read, last.data_written);
+    let first_same = samples
+        .iter()
+        .rev()
+        .take_while(|s| (s.data_read, s.data_written) == key)
+        .last()?;
+    (last.at.duration_since(first_same.at) >= MIN_FROZEN).then_some(key)
+}
+
+/// The mobile node: opens the stream, runs its reader and writer, and makes the moves.
+async fn mover(
+    tb: &Testbed,
+    args: &BenchMoveArgs,
+    epoch: Instant,
+    stop: &Arc<AtomicBool>,
+    client_log: &Arc<Mutex<Arrivals>>,
+    server_log: &Arc<Mutex<Arrivals>>,
+) -> Result<Vec<Trial>> {
+    let path = |link: Link| {
+        ProxyPath::new(SocketAddr::new(tb.px_ip(link).into(), PROXY_PORT))
+            .with_local_addr(IpAddr::from(tb.mn_ip(link)))
+    };
+    let config = MobileConfig::with_paths(vec![path(Link::Wired), path(Link::Radio)]);
+    let stream = MobileStream::connect(SocketAddr::from((tb.sv_ip, SERVER_PORT)), config)
+        .await
+        .context("opening the mobile stream")?;
+    let control = stream.control();
+    let (mut rd, mut wr) = tokio::io::split(stream);
+
+    let log = client_log.clone();
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut pending = Vec::new();
+        loop {
+            let n = rd.read(&mut buf).await?;
+            let at = Instant::now();
+            if n == 0 {
+                return Ok::<_, anyhow::Error>(());
+            }
+            log.lock()
+                .map_err(|_| poisoned())?
+                .record(&mut pending, &buf[..n], at);
+        }
+    });
+    let (wstop, interval) = (stop.clone(), args.record_interval);
+    let writer = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seq = 0u64;
+        while !wstop.load(Ordering::Relaxed) {
+            tick.tick().await;
+            wr.write_all(&make_record(seq, epoch)).await?;
+            seq += 1;
+        }
+        wr.shutdown().await?;
+        Ok::<_, anyhow::Error>(())
+    });
+
+    // Let the stream settle on the wired link before the first move.
+    tokio::time::sleep(args.settle.max(Duration::from_millis(500))).await;
+    let mut on = Link::Wired;
+    let mut trials = Vec::new();
+    let mut unmeasured = 0u32;
+    let total = 2 * args.moves;
+    while trials.len() < total as usize {
+        ensure!(
+            unmeasured <= total,
+            "{unmeasured} moves could not be measured (the freeze was not observed); is the machine overloaded?"
+        );
+        let to = if on == Link::Wired {
+            Link::Radio
+        } else {
+            Link::Wired
+        };
+        let done = Arc::new(AtomicBool::new(false));
+        let sampler = {
+            let (control, done) = (control.clone(), done.clone());
+            std::thread::Builder::new()
+                .name("status sampler".into())
+                .spawn(move || sample_status(control, done))
+                .context("starting the status sampler")?
+        };
+        let requested = Instant::now();
+        let result = control.migrate(path(to)).await;
+        done.store(true, Ordering::Relaxed);
+        let samples = sampler
+            .join()
+            .map_err(|_| anyhow::anyhow!("the status sampler panicked"))?;
+        let report = result.with_context(|| format!("moving to {to:?}"))?;
+        on = to;
+
+        let Some((data_read, data_written)) = frozen_counters(&samples) else {
+            unmeasured += 1;
+            eprintln!(
+                "move {} -> {}: the freeze was not observed; not counted",
+                name(report_from(&report, tb)),
+                name(to)
+            );
+            tokio::time::sleep(args.settle).await;
+            continue;
+        };
+        // Offsets from the start of each direction (the origins are 0).
+        let down_boundary = data_read.wrapping_add(report.data_salvage);
+        let up_boundary = data_written.wrapping_sub(report.data_write);
+        let deadline = Instant::now() + FIRST_BYTE_TIMEOUT;
+        let (down_at, up_at, stamp) = loop {
+            let (down_at, stamp) = {
+                let log = client_log.lock().map_err(|_| poisoned())?;
+                let stamp = log
+                    .stamps
+                    .get((down_boundary / RECORD as u64) as usize)
+                    .copied();
+                (log.arrival_of(down_boundary), stamp)
+            };
+            let up_at = server_log
+                .lock()
+                .map_err(|_| poisoned())?
+                .arrival_of(up_boundary);
+            if let (Some(d), Some(u), Some(s)) = (down_at, up_at, stamp) {
+                break (d, u, s);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "no byte arrived over the new path within {FIRST_BYTE_TIMEOUT:?} of moving to {to:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        let sent = epoch + Duration::from_nanos(stamp);
+        let trial = Trial {
+            from: report_from(&report, tb),
+            to,
+            down: down_at.saturating_duration_since(requested),
+            up: up_at.saturating_duration_since(requested),
+            down_record_latency: down_at.saturating_duration_since(sent),
+            report,
+        };
+        eprintln!(
+            "move {:>2}/{total} {:>5} -> {:<5}  attached {:>6.2} ms  first byte down {:>6.2} ms  up {:>6.2} ms  (salvage {} B, rewrite {} B)",
+            trials.len() + 1,
+            name(trial.from),
+            name(trial.to),
+            ms(trial.report.duration),
+            ms(trial.down),
+            ms(trial.up),
+            trial.report.data_salvage,
+            trial.report.data_write,
+        );
+        trials.push(trial);
+        tokio::time::sleep(args.settle).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.await.context("writer task")?.context("sending")?;
+    reader.await.context("reader task")?.context("receiving")?;
+    if unmeasured > 0 {
+        eprintln!("{unmeasured} move(s) not measured and repeated");
+    }
+    Ok(trials)
+}
+
+/// The link a report's old path belongs to.
+fn report_from(report: &MoveReport, tb: &Testbed) -> Link {
+    if report.old_path.local_addr == Some(IpAddr::from(tb.mn_ip(Link::Radio))) {
+        Link::Radio
+    } else {
+        Link::Wired
+    }
+}
+
+fn name(link: Link) -> &'static str {
+    match link {
+        Link::Wired => "wired",
+        Link::Radio => "radio",
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Median and maximum of `values`, which must not be empty.
+fn median_max(values: &mut [f64]) -> (f64, f64) {
+    values.sort_by(f64::total_cmp);
+    (values[values.len() / 2], values[values.len() - 1])
+}
+
+fn print_results(
+    args: &BenchMoveArgs,
+    trials: &[Trial],
+    rtt_before: &[Vec<Duration>],
+    rtt_after: &[Vec<Duration>],
+    rtt: impl Fn(Link) -> Duration,
+) {
+    println!();
+    println!(
+        "emulated RTT: wired {:?}, radio {:?}; records every {:?}; {} moves each way",
+        args.wired_rtt, args.radio_rtt, args.record_interval, args.moves
+    );
+    println!("measured RTT (median TCP connect time over the link, before / after the moves):");
+    for (i, link) in Link::ALL.iter().enumerate() {
+        let med = |v: &Vec<Duration>| ms(v[v.len() / 2]);
+        println!(
+            "  {:<5} {:.2} ms / {:.2} ms  (unit used: {:.2} ms)",
+            name(*link),
+            med(&rtt_before[i]),
+            med(&rtt_after[i]),
+            ms(rtt(*link))
+        );
+    }
+    println!();
+    println!("| move | n | RTT of new link | attached (MoveReport.duration) | TCP connect | RECONNECT reply | first byte down (at mobile app) | first byte up (at server app) |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (from, to) in [(Link::Wired, Link::Radio), (Link::Radio, Link::Wired)] {
+        let set: Vec<&Trial> = trials
+            .iter()
+            .filter(|t| t.from == from && t.to == to)
+            .collect();
+        if set.is_empty() {
+            continue;
+        }
+        let unit = ms(rtt(to));
+        let cell = |f: &dyn Fn(&Trial) -> Duration| {
+            let mut v: Vec<f64> = set.iter().map(|t| ms(f(t))).collect();
+            let (med, max) = median_max(&mut v);
+            format!(
+                "{:.2} RTT / {:.2} RTT ({:.1} / {:.1} ms)",
+                med / unit,
+                max / unit,
+                med,
+                max
+            )
+        };
+        println!(
+            "| {} → {} | {} | {:.2} ms | {} | {} | {} | {} | {} |",
+            name(from),
+            name(to),
+            set.len(),
+            unit,
+            cell(&|t| t.report.duration),
+            cell(&|t| t.report.connect_time),
+            cell(&|t| t.report.reply_time),
+            cell(&|t| t.down),
+            cell(&|t| t.up),
+        );
+    }
+    println!();
+    println!("Cells: median / max over the moves, in RTTs of the link moved to (and in ms).");
+    for (from, to) in [(Link::Wired, Link::Radio), (Link::Radio, Link::Wired)] {
+        let mut lat: Vec<f64> = trials
+            .iter()
+            .filter(|t| t.from == from && t.to == to)
+            .map(|t| ms(t.down_record_latency))
+            .collect();
+        if !lat.is_empty() {
+            let (med, max) = median_max(&mut lat);
+            println!(
+                "{} → {}: the record holding the first new-path byte was sent by the server {med:.1} ms (median; max {max:.1} ms) before the mobile application read it.",
+                name(from),
+                name(to)
+            );
+        }
+    }
+    let salvaged = trials.iter().filter(|t| t.report.data_salvage > 0).count();
+    let rewritten = trials.iter().filter(|t| t.report.data_write > 0).count();
+    let retried = trials.iter().filter(|t| t.report.attempts > 1).count();
+    println!(
+        "Moves with salvage: {salvaged}, with rewrite: {rewritten}, needing more than one attempt: {retried}, of {}.",
+        trials.len()
+    );
+}
+
+fn write_csv(path: &PathBuf, trials: &[Trial], rtt: impl Fn(Link) -> Duration) -> Result<()> {
+    let mut out = String::from(
+        "from,to,rtt_to_ms,duration_ms,connect_ms,reply_ms,first_down_ms,first_up_ms,down_record_latency_ms,salvage_bytes,rewrite_bytes,attempts\n",
+    );
+    for t in trials {
+        out.push_str(&format!(
+            "{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{},{}\n",
+            name(t.from),
+            name(t.to),
+            ms(rtt(t.to)),
+            ms(t.report.duration),
+            ms(t.report.connect_time),
+            ms(t.report.reply_time),
+            ms(t.down),
+            ms(t.up),
+            ms(t.down_record_latency),
+            t.report.data_salvage,
+            t.report.data_write,
+            t.report.attempts
+        ));
+    }
+    std::fs::write(path, out)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arrivals_map_offsets_to_reads_and_check_sequence() {
+        let epoch = Instant::now();
+        let mut log = Arrivals::default();
+        let mut pending = Vec::new();
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_millis(1);
+        let mut bytes = Vec::new();
+        for seq in 0..3 {
+            bytes.extend_from_slice(&make_record(seq, epoch));
+        }
+        log.record(&mut pending, &bytes[..20], t0);
+        log.record(&mut pending, &bytes[20..], t1);
+        assert_eq!(log.stamps.len(), 3);
+        assert!(log.error.is_none());
+        assert_eq!(log.arrival_of(0), Some(t0));
+        assert_eq!(log.arrival_of(19), Some(t0));
+        assert_eq!(log.arrival_of(20), Some(t1));
+        assert_eq!(log.arrival_of(47), Some(t1));
+        assert_eq!(log.arrival_of(48), None);
+        log.record(&mut pending, &make_record(7, epoch), t1);
+        assert!(log.error.is_some());
+    }
+
+    #[test]
+    fn freeze_needs_stable_counters() {
+        let t = Instant::now();
+        let at = |ms: u64| t + Duration::from_millis(ms);
+        let s = |ms, r, w| Sample {
+            at: at(ms),
+            data_read: r,
+            data_written: w,
+        };
+        assert_eq!(frozen_counters(&[]), None);
+        let moving = [s(0, 1, 1), s(1, 2, 2), s(2, 5, 5), s(4, 5, 5), s(6, 5, 5)];
+        assert_eq!(frozen_counters(&moving), Some((5, 5)));
+        let short = [s(0, 1, 1), s(1, 5, 5), s(2, 5, 5)];
+        assert_eq!(frozen_counters(&short), None);
+    }
+}
