@@ -747,9 +747,11 @@ impl Actor {
                 .min(64 * 1024);
             let start = self.down.data.len();
             self.down.data.resize(start + want, 0);
+            // Not `AsyncReadExt::read`: a read that stops at an urgent mark must not clear the
+            // old socket's readiness, as no new data will arrive there to set it again.
             let read = tokio::time::timeout_at(
                 deadline,
-                self.conn.stream.read(&mut self.down.data[start..]),
+                handshake::read_some(&self.conn.stream, &mut self.down.data[start..]),
             )
             .await;
             let n = match &read {

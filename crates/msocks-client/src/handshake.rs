@@ -14,7 +14,7 @@ use msocks_proto::{
     ResumeCounters, TargetAddr, UserPassReply, UserPassRequest,
 };
 use socket2::SockRef;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::config::{MobileConfig, ProxyPath};
@@ -53,8 +53,7 @@ impl Handshake {
                 ));
             }
             let mut chunk = [0u8; 1024];
-            let n = stream
-                .read(&mut chunk)
+            let n = read_some(stream, &mut chunk)
                 .await
                 .map_err(|e| Error::io(during, e))?;
             if n == 0 {
@@ -67,6 +66,26 @@ impl Handshake {
     /// Stream bytes that arrived in the same reads as the last message.
     pub(crate) fn into_leftover(self) -> Vec<u8> {
         self.buf
+    }
+}
+
+/// Reads what the socket holds into `buf`, waiting until it holds something: like
+/// `AsyncReadExt::read`, but a short read leaves the socket's readiness alone.
+///
+/// tokio's `TcpStream::read` takes a read that fills less than the buffer as proof that the
+/// socket is drained and waits for the next readiness edge (tokio#5866). The library's
+/// sockets receive urgent data inline (`SO_OOBINLINE`), and Linux ends a read just before the
+/// urgent mark even when more bytes are queued, so after such a read the urgent byte and
+/// everything behind it would wait for the next segment to arrive: forever on an old socket
+/// being salvaged (the move fails), or until the server sends again after a reply that was
+/// followed by urgent data. `try_read` clears readiness only on `WouldBlock`.
+pub(crate) async fn read_some(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        stream.readable().await?;
+        match stream.try_read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            result => return result,
+        }
     }
 }
 

@@ -40,8 +40,10 @@ use crate::server::Shared;
 use crate::session::{send_reply, Client};
 use crate::tcp_state;
 
-/// How often acknowledgments are polled while nothing else can wake the engine (only when
-/// the session waits for the last bytes to be acknowledged before it can end).
+/// How often acknowledgments are polled while nothing else can wake the engine: when the
+/// session waits for the last bytes to be acknowledged before it can end, and when the
+/// retention buffer is full, so that only acknowledgments can make room to read the server
+/// again (the kernel signals no event for an ACK).
 const ACK_POLL: Duration = Duration::from_millis(10);
 
 /// Most urgent-byte positions remembered per session (8 MiB); beyond it the counters of an
@@ -254,7 +256,12 @@ impl<'a> MobileEngine<'a> {
                 let _ = socket2::SockRef::from(&self.server).shutdown(std::net::Shutdown::Write);
                 self.up_fin_sent = true;
             }
-            let waiting_for_acks = alive && self.server_eof && self.up_fin_sent;
+            // Without the second case a full retention buffer whose bytes were all sent would
+            // wait for an event that never comes: the server is not read (no room), nothing is
+            // left to write to the client, and its ACKs wake nobody.
+            let waiting_for_acks = alive
+                && ((self.server_eof && self.up_fin_sent)
+                    || (!self.server_eof && self.retained.len() >= limit));
             let park_deadline = self.parked_since.map(|t| t + park_timeout);
             let idle_deadline = (!idle.is_zero() && alive).then(|| self.last_activity + idle);
             let server = &self.server;
