@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod agent_cli;
 mod bench_move;
 mod demo;
 
@@ -84,6 +85,15 @@ the same run. Prints a Markdown table (median / max per direction). Needs root."
         after_help = "Example: sudo msocks bench-move --moves 20 --wired-rtt 10ms --radio-rtt 60ms"
     )]
     BenchMove(bench_move::BenchMoveArgs),
+    /// Run the mobile-node agent: a local SOCKS5 endpoint whose streams follow the links.
+    #[command(long_about = agent_cli::AGENT_LONG_ABOUT)]
+    Agent(agent_cli::AgentArgs),
+    /// Show the agent's streams and the interfaces they use.
+    #[command(long_about = agent_cli::STATUS_LONG_ABOUT)]
+    Status(agent_cli::StatusArgs),
+    /// Move the agent's streams onto an interface by hand.
+    #[command(long_about = agent_cli::MOVE_LONG_ABOUT)]
+    Move(agent_cli::MoveArgs),
 }
 
 #[derive(Args)]
@@ -119,6 +129,9 @@ fn main() -> ExitCode {
         Command::Passwd { username } => passwd(&username),
         Command::Demo(args) => run_demo(&args),
         Command::BenchMove(args) => bench_move::run(&args),
+        Command::Agent(args) => agent_cli::run_agent(args),
+        Command::Status(args) => agent_cli::run_status(&args),
+        Command::Move(args) => agent_cli::run_move(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,591 @@
+//! End to end: `msocks agent` in the mobile node of the namespace testbed, `msocks proxy` in
+//! the proxy host, servers in the server namespace, and plain SOCKS5 clients (std sockets
+//! speaking SOCKS5 through `msocks-proto`) in the mobile node.
+//!
+//! * Streams with different rules run at once on different interfaces, and a stream whose
+//!   rule splits the directions sends over one link and receives over the other (checked
+//!   with the interfaces' byte counters).
+//! * The wired link is pulled mid-download and restored: the stream moves to radio and
+//!   back, `msocks move` moves it by hand, and the download is byte-exact (SHA-256).
+//!
+//! Needs root; without it each test prints SKIPPED and returns (with `CI` set, it fails).
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use msocks_agent::control::{client, StreamRow};
+use msocks_proto::{
+    Greeting, Method, MethodSelection, OpenRequest, Reply, ReplyCode, ReplyContext, Request,
+    TargetAddr,
+};
+use msocks_testbed::{Link, Testbed};
+use sha2::{Digest, Sha256};
+
+const PROXY_PORT: u16 = 1080;
+const AGENT_PORT: u16 = 1080;
+const MIB: u64 = 1 << 20;
+
+/// A child process killed when dropped; its log is printed if the test is failing.
+struct Proc {
+    child: Child,
+    name: &'static str,
+    log: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            eprintln!("----- {} log -----\n{log}\n-----", self.name);
+        }
+    }
+}
+
+struct Setup {
+    tb: Testbed,
+    dir: PathBuf,
+    _proxy: Proc,
+    _agent: Proc,
+}
+
+impl Setup {
+    fn control(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+
+    fn status(&self) -> Vec<StreamRow> {
+        client::status(&self.control()).expect("msocks status")
+    }
+
+    /// The one stream to `port`.
+    fn stream(&self, port: u16) -> Option<StreamRow> {
+        self.status()
+            .into_iter()
+            .find(|r| r.destination.ends_with(&format!(":{port}")))
+    }
+
+    /// Waits until the stream to `port` satisfies `f`.
+    fn wait_stream(&self, port: u16, what: &str, f: impl Fn(&StreamRow) -> bool) -> StreamRow {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let row = self.stream(port);
+            if let Some(r) = row.as_ref().filter(|r| f(r)) {
+                return r.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "stream to port {port}: {what}; last status: {row:?}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        // Kept after a failure: the logs are printed from it, and can be read afterwards.
+        if !thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn setup(name: &str) -> Setup {
+    let tb = Testbed::mobile_proxy_server().expect("testbed");
+    let dir = std::env::temp_dir().join(format!("msocks-agent-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = env!("CARGO_BIN_EXE_msocks");
+
+    let proxy_log = dir.join("proxy.log");
+    let child = tb
+        .px
+        .command(exe)
+        .args([
+            "proxy",
+            "--listen",
+            &format!("0.0.0.0:{PROXY_PORT}"),
+            "--log-level",
+            "info",
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&proxy_log).unwrap())
+        .spawn()
+        .expect("start msocks proxy");
+    let proxy = Proc {
+        child,
+        name: "proxy",
+        log: proxy_log,
+    };
+    let proxy_at = SocketAddr::from((tb.px_wired_ip, PROXY_PORT));
+    wait_connectable(&tb, proxy_at);
+
+    let config = format!(
+        r#"
+listen = ["127.0.0.1:{AGENT_PORT}"]
+control = "{control}"
+manage_routes = true
+wait_timeout = "60s"
+
+[[interface]]
+name = "wired0"
+proxy = "{pw}:{PROXY_PORT}"
+cost = "free"
+bandwidth = "high"
+tags = ["lan"]
+
+[[interface]]
+name = "radio0"
+proxy = "{pr}:{PROXY_PORT}"
+cost = "expensive"
+bandwidth = "low"
+tags = ["wan"]
+
+[[rule]]
+name = "wired only"
+port = [5001]
+outbound = ["wired0"]
+inbound = ["wired0"]
+
+[[rule]]
+name = "radio"
+network = ["{svnet}"]
+port = ["5002-5002"]
+outbound = ["tag:wan"]
+inbound = ["cost:expensive"]
+
+[[rule]]
+name = "split"
+port = [5003]
+outbound = ["wired0"]
+inbound = ["radio0"]
+"#,
+        control = dir.join("agent.sock").display(),
+        pw = tb.px_wired_ip,
+        pr = tb.px_radio_ip,
+        svnet = tb.sv_net,
+    );
+    let config_path = dir.join("agent.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let agent_log = dir.join("agent.log");
+    let child = tb
+        .mn
+        .command(exe)
+        .args(["agent", "--config"])
+        .arg(&config_path)
+        .args(["--log-level", "info"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&agent_log).unwrap())
+        .spawn()
+        .expect("start msocks agent");
+    let agent = Proc {
+        child,
+        name: "agent",
+        log: agent_log,
+    };
+    let control = dir.join("agent.sock");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while client::status(&control).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the agent's control socket did not answer"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    Setup {
+        tb,
+        dir,
+        _proxy: proxy,
+        _agent: agent,
+    }
+}
+
+fn wait_connectable(tb: &Testbed, addr: SocketAddr) {
+    let ok = tb
+        .mn
+        .run_in(|| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                    return true;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            false
+        })
+        .unwrap();
+    assert!(ok, "{addr} did not accept connections");
+}
+
+/// The deterministic bytes servers send (xorshift), so both ends can hash them.
+struct Pattern(u64);
+
+impl Pattern {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            let v = self.0.to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// What a server saw: bytes received and their hash, bytes sent and their hash.
+type ServerResult = (u64, String, u64, String);
+
+/// A server in `sv` on `port` for one connection: reads until the client's FIN, then
+/// sends `parts` (bytes, pace in bytes per second or 0), waiting for a signal on `gates`
+/// before every part after the first, and closes.
+fn server(
+    tb: &Testbed,
+    port: u16,
+    parts: Vec<(u64, u64)>,
+    gates: Option<mpsc::Receiver<()>>,
+) -> JoinHandle<ServerResult> {
+    let listener = tb
+        .sv
+        .run_in(|| TcpListener::bind(SocketAddr::from((tb.sv_ip, port))))
+        .unwrap()
+        .expect("server bind");
+    thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("accept");
+        let mut hash = Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        // The client announces its upload's length: see the note on `client`.
+        let mut len = [0u8; 8];
+        conn.read_exact(&mut len).expect("server read length");
+        let upload = u64::from_be_bytes(len);
+        let mut got = 0u64;
+        while got < upload {
+            let want = (upload - got).min(buf.len() as u64) as usize;
+            let n = conn.read(&mut buf[..want]).expect("server read");
+            assert!(n > 0, "client closed during its upload");
+            hash.update(&buf[..n]);
+            got += n as u64;
+        }
+        let recv_sha = hex::encode(hash.finalize());
+        let mut pattern = Pattern(0x9E37_79B9_7F4A_7C15 ^ u64::from(port));
+        let mut hash = Sha256::new();
+        let mut sent = 0u64;
+        for (i, (bytes, rate)) in parts.into_iter().enumerate() {
+            if i > 0 {
+                if let Some(g) = &gates {
+                    g.recv().expect("gate");
+                }
+            }
+            let start = Instant::now();
+            let mut part_sent = 0u64;
+            while part_sent < bytes {
+                let n = (bytes - part_sent).min(buf.len() as u64) as usize;
+                pattern.fill(&mut buf[..n]);
+                conn.write_all(&buf[..n]).expect("server write");
+                hash.update(&buf[..n]);
+                part_sent += n as u64;
+                if rate > 0 {
+                    let due = Duration::from_secs_f64(part_sent as f64 / rate as f64);
+                    if let Some(wait) = due.checked_sub(start.elapsed()) {
+                        thread::sleep(wait);
+                    }
+                }
+            }
+            sent += part_sent;
+        }
+        conn.shutdown(Shutdown::Write).ok();
+        (got, recv_sha, sent, hex::encode(hash.finalize()))
+    })
+}
+
+/// A plain SOCKS5 client in `mn`: CONNECT through the agent to `sv:port`.
+fn socks_connect(tb: &Testbed, port: u16) -> TcpStream {
+    let target = TargetAddr::Ip(SocketAddr::from((tb.sv_ip, port)));
+    tb.mn
+        .run_in(move || -> TcpStream {
+            let mut s =
+                TcpStream::connect(("127.0.0.1", AGENT_PORT)).expect("connect to the agent");
+            let mut out = Vec::new();
+            Greeting {
+                methods: vec![Method::NO_AUTH],
+            }
+            .encode(&mut out);
+            s.write_all(&out).unwrap();
+            let mut sel = [0u8; 2];
+            s.read_exact(&mut sel).unwrap();
+            let (sel, _) = MethodSelection::decode(&sel).unwrap().unwrap();
+            assert_eq!(sel.method, Method::NO_AUTH);
+            out.clear();
+            Request::Open(OpenRequest {
+                command: msocks_proto::Command::Connect,
+                target,
+                mobility: None,
+            })
+            .encode(&mut out);
+            s.write_all(&out).unwrap();
+            // Read the reply byte by byte: nothing may be consumed past it.
+            let mut reply = Vec::new();
+            let reply = loop {
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b).expect("reply from the agent");
+                reply.push(b[0]);
+                if let Some((r, _)) = Reply::decode(&reply, ReplyContext::Plain).unwrap() {
+                    break r;
+                }
+            };
+            assert_eq!(
+                reply.code,
+                ReplyCode::Succeeded,
+                "agent refused CONNECT to port {port}"
+            );
+            s
+        })
+        .unwrap()
+}
+
+/// Client side of one transfer: sends the upload's length and `upload` bytes, reads to the
+/// server's FIN, then closes. Returns (bytes received, their SHA-256); `progress` counts
+/// received bytes live.
+///
+/// The upload's length is announced (rather than ended by a FIN before the download) so the
+/// download starts while the upward direction is still open, as with curl; the agent's
+/// half-close is exercised at the end (the server's FIN, then the client's).
+fn client(mut s: TcpStream, upload: u64, progress: Arc<AtomicU64>) -> JoinHandle<(u64, String)> {
+    thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut pattern = Pattern(42);
+        s.write_all(&upload.to_be_bytes())
+            .expect("client write length");
+        let mut sent = 0u64;
+        while sent < upload {
+            let n = (upload - sent).min(buf.len() as u64) as usize;
+            pattern.fill(&mut buf[..n]);
+            s.write_all(&buf[..n]).expect("client write");
+            sent += n as u64;
+        }
+        let mut hash = Sha256::new();
+        let mut got = 0u64;
+        loop {
+            let n = s.read(&mut buf).expect("client read");
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+            got += n as u64;
+            progress.store(got, Ordering::Relaxed);
+        }
+        s.shutdown(Shutdown::Write)
+            .expect("close after the download");
+        (got, hex::encode(hash.finalize()))
+    })
+}
+
+fn upload_sha(bytes: u64) -> String {
+    let mut pattern = Pattern(42);
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut done = 0u64;
+    while done < bytes {
+        let n = (bytes - done).min(buf.len() as u64) as usize;
+        pattern.fill(&mut buf[..n]);
+        hash.update(&buf[..n]);
+        done += n as u64;
+    }
+    hex::encode(hash.finalize())
+}
+
+fn run_cli(tb: &Testbed, control: &Path, args: &[&str]) -> String {
+    let out = tb
+        .mn
+        .command(env!("CARGO_BIN_EXE_msocks"))
+        .args(args)
+        .arg("--control")
+        .arg(control)
+        .output()
+        .expect("run msocks");
+    assert!(
+        out.status.success(),
+        "msocks {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn agent_places_streams_by_rule_and_splits_directions() {
+    if !msocks_testbed::require_root("agent_places_streams_by_rule_and_splits_directions") {
+        return;
+    }
+    let s = setup("rules");
+    let tb = &s.tb;
+    // Small: the hashing on both ends runs unoptimised in a debug build.
+    let size = 4 * MIB;
+
+    // Two streams at once: port 5001 wired only, port 5002 radio only.
+    let sa = server(tb, 5001, vec![(size, 0)], None);
+    let sb = server(tb, 5002, vec![(size, 0)], None);
+    let ca = socks_connect(tb, 5001);
+    let cb = socks_connect(tb, 5002);
+    let a = s.wait_stream(5001, "on wired0", |r| {
+        r.outbound == "wired0" && r.inbound == "wired0"
+    });
+    let b = s.wait_stream(5002, "on radio0", |r| {
+        r.outbound == "radio0" && r.inbound == "radio0"
+    });
+    assert_eq!(
+        (a.rule.as_str(), b.rule.as_str()),
+        ("rule 1 (\"wired only\")", "rule 2 (\"radio\")")
+    );
+    let table = run_cli(tb, &s.control(), &["status"]);
+    assert!(
+        table.contains("wired only") && table.contains("radio0"),
+        "{table}"
+    );
+
+    let w0 = tb.mn.link_stats("wired0").unwrap();
+    let r0 = tb.mn.link_stats("radio0").unwrap();
+    let ta = client(ca, 0, Arc::default());
+    let tbb = client(cb, 0, Arc::default());
+    let (ga, sha_a) = ta.join().unwrap();
+    let (gb, sha_b) = tbb.join().unwrap();
+    let (_, _, sent_a, want_a) = sa.join().unwrap();
+    let (_, _, sent_b, want_b) = sb.join().unwrap();
+    assert_eq!((ga, sha_a), (sent_a, want_a));
+    assert_eq!((gb, sha_b), (sent_b, want_b));
+    let w1 = tb.mn.link_stats("wired0").unwrap();
+    let r1 = tb.mn.link_stats("radio0").unwrap();
+    let (w_rx, r_rx) = (w1.rx_bytes - w0.rx_bytes, r1.rx_bytes - r0.rx_bytes);
+    eprintln!("two rules: wired0 rx {w_rx}, radio0 rx {r_rx}");
+    assert!(
+        w_rx >= size && w_rx < size + size / 2,
+        "wired0 received {w_rx}"
+    );
+    assert!(
+        r_rx >= size && r_rx < size + size / 2,
+        "radio0 received {r_rx}"
+    );
+
+    // The paper's split: data leaves by wired0 (its proxy address), arrives on radio0 (the
+    // local address).
+    let sc = server(tb, 5003, vec![(size, 0)], None);
+    let cc = socks_connect(tb, 5003);
+    s.wait_stream(5003, "out wired0, in radio0", |r| {
+        r.outbound == "wired0" && r.inbound == "radio0"
+    });
+    let w0 = tb.mn.link_stats("wired0").unwrap();
+    let r0 = tb.mn.link_stats("radio0").unwrap();
+    let (gc, sha_c) = client(cc, size, Arc::default()).join().unwrap();
+    let (got_up, up_sha, sent_c, want_c) = sc.join().unwrap();
+    assert_eq!(
+        (got_up, up_sha),
+        (size, upload_sha(size)),
+        "upload through the split stream"
+    );
+    assert_eq!(
+        (gc, sha_c),
+        (sent_c, want_c),
+        "download through the split stream"
+    );
+    let w1 = tb.mn.link_stats("wired0").unwrap();
+    let r1 = tb.mn.link_stats("radio0").unwrap();
+    let (w_tx, w_rx) = (w1.tx_bytes - w0.tx_bytes, w1.rx_bytes - w0.rx_bytes);
+    let (r_tx, r_rx) = (r1.tx_bytes - r0.tx_bytes, r1.rx_bytes - r0.rx_bytes);
+    eprintln!("split: wired0 tx {w_tx} rx {w_rx}; radio0 tx {r_tx} rx {r_rx}");
+    assert!(
+        w_tx >= size && r_tx < size / 2,
+        "upload should leave by wired0: wired tx {w_tx}, radio tx {r_tx}"
+    );
+    assert!(
+        r_rx >= size && w_rx < size / 2,
+        "download should arrive on radio0: radio rx {r_rx}, wired rx {w_rx}"
+    );
+}
+
+#[test]
+fn agent_follows_links_and_moves_by_hand() {
+    if !msocks_testbed::require_root("agent_follows_links_and_moves_by_hand") {
+        return;
+    }
+    let s = setup("links");
+    let tb = &s.tb;
+    const PORT: u16 = 5004;
+    let (part1, part2, part3) = (MIB, 8 * MIB, MIB);
+    let (go, gates) = mpsc::channel();
+    // Part 2 is paced so that the link is pulled while it flows.
+    let sv = server(
+        tb,
+        PORT,
+        vec![(part1, 0), (part2, 4 * MIB), (part3, 0)],
+        Some(gates),
+    );
+    let conn = socks_connect(tb, PORT);
+    let progress = Arc::new(AtomicU64::new(0));
+    let cl = client(conn, 0, progress.clone());
+    let wait_bytes = |n: u64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while progress.load(Ordering::Relaxed) < n {
+            assert!(
+                Instant::now() < deadline,
+                "download stalled at {}",
+                progress.load(Ordering::Relaxed)
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_bytes(part1);
+    let row = s.wait_stream(PORT, "on wired0 (default order)", |r| {
+        r.outbound == "wired0" && r.inbound == "wired0"
+    });
+    assert_eq!(row.rule, "default");
+
+    // Pull the wired link mid-download: the stream moves to radio at once.
+    go.send(()).unwrap();
+    wait_bytes(part1 + MIB / 2);
+    tb.link_down(Link::Wired).unwrap();
+    let moved = s.wait_stream(PORT, "moved to radio0", |r| {
+        r.outbound == "radio0" && r.inbound == "radio0" && r.moves >= 1
+    });
+    wait_bytes(part1 + part2);
+    // Restore it: the stream goes back to its preferred interface.
+    tb.link_up(Link::Wired).unwrap();
+    let back = s.wait_stream(PORT, "back on wired0", |r| {
+        r.outbound == "wired0" && r.inbound == "wired0" && r.moves > moved.moves
+    });
+
+    // By hand, through the CLI: onto radio0, then back to the policy.
+    let out = run_cli(tb, &s.control(), &["move", &back.id.to_string(), "radio0"]);
+    assert!(out.contains("moved to radio0"), "{out}");
+    let pinned = s.wait_stream(PORT, "pinned on radio0", |r| {
+        r.outbound == "radio0" && r.pinned.as_deref() == Some("radio0")
+    });
+    let out = run_cli(tb, &s.control(), &["move", "--all", "auto"]);
+    assert!(out.contains("moved to auto"), "{out}");
+    let json = run_cli(tb, &s.control(), &["status", "--json"]);
+    let rows: Vec<StreamRow> = serde_json::from_str(&json).unwrap();
+    let last = rows
+        .iter()
+        .find(|r| r.id == back.id)
+        .expect("stream in status --json");
+    assert_eq!(
+        (last.outbound.as_str(), last.pinned.as_ref()),
+        ("wired0", None)
+    );
+    assert!(last.moves > pinned.moves, "{last:?}");
+
+    go.send(()).unwrap();
+    let (got, sha) = cl.join().unwrap();
+    let (_, _, sent, want) = sv.join().unwrap();
+    assert_eq!(
+        (got, sha),
+        (sent, want),
+        "download through link changes must be byte-exact"
+    );
+    eprintln!("moves: {}", last.moves);
+}
