@@ -6,7 +6,8 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -78,20 +79,29 @@ impl Activity {
     }
 }
 
-async fn copy_one_way<R, W>(
-    mut from: R,
+async fn copy_one_way<W>(
+    from: OwnedReadHalf,
     mut to: W,
     buffer_size: usize,
     counter: &AtomicU64,
     activity: &Activity,
 ) -> Result<(), Side>
 where
-    R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; buffer_size];
     loop {
-        let n = from.read(&mut buf).await.map_err(Side::Reader)?;
+        // Not `AsyncReadExt::read`, which takes a short read for a drained socket and waits
+        // for the next readiness edge (tokio#5866): with SO_OOBINLINE, Linux ends a read just
+        // before the urgent mark while more bytes are queued, and they would wait for the
+        // peer's next segment. `try_read` clears readiness only on `WouldBlock`.
+        let n = loop {
+            from.readable().await.map_err(Side::Reader)?;
+            match from.try_read(&mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => break r.map_err(Side::Reader)?,
+            }
+        };
         if n == 0 {
             // Pass the FIN on; the other direction keeps going (half-close).
             to.shutdown().await.map_err(Side::Writer)?;
