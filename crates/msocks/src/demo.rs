@@ -379,12 +379,21 @@ async fn client_side(
             if is_hard {
                 tb.link_down(on).context("pulling the link")?;
             }
-            let report = control
-                .migrate(path)
-                .await
-                .with_context(|| format!("moving to {to:?}"))?;
+            let moved = control.migrate(path).await;
             if is_hard {
                 tb.link_up(on).context("restoring the link")?;
+            }
+            let report = match moved {
+                Ok(report) => report,
+                // Both directions finished between the loop's check and the move: the
+                // transfer is over, nothing is left to move.
+                Err(msocks_client::Error::Closed) => {
+                    moves_left = 0;
+                    continue;
+                }
+                Err(e) => return Err(e).with_context(|| format!("moving to {to:?}")),
+            };
+            if is_hard {
                 hard += 1;
                 hard_times.push(report.duration);
             } else {
