@@ -28,10 +28,9 @@
 //! as the median TCP connect time from the mobile node to a listener on the proxy host over
 //! that link (one SYN/SYN-ACK exchange), before and after the moves.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -69,7 +68,7 @@ pub struct BenchMoveArgs {
     pub csv: Option<PathBuf>,
 }
 
-const PROXY_PORT: u16 = 1080;
+use crate::testbed_proxy::PROXY_PORT;
 const SERVER_PORT: u16 = 9000;
 /// Port of the RTT probe listeners on the proxy host.
 const PROBE_PORT: u16 = 7;
@@ -135,16 +134,6 @@ fn make_record(seq: u64, epoch: Instant) -> [u8; RECORD] {
     rec
 }
 
-/// The proxy process inside the proxy namespace, killed on drop.
-struct ProxyProc(Child);
-
-impl Drop for ProxyProc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// One measured move.
 #[derive(Debug, Clone)]
 struct Trial {
@@ -179,7 +168,7 @@ pub fn run(args: &BenchMoveArgs) -> Result<()> {
         .context("delaying the wired link")?;
     let _radio_delay = LinkDelay::start(&tb, Link::Radio, args.radio_rtt / 2)
         .context("delaying the radio link")?;
-    let proxy = start_proxy(&tb)?;
+    let proxy = crate::testbed_proxy::start(&tb)?;
 
     for link in Link::ALL {
         start_probe_listener(&tb.px, SocketAddr::new(tb.px_ip(link).into(), PROBE_PORT))?;
@@ -266,49 +255,6 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
-}
-
-fn start_proxy(tb: &Testbed) -> Result<ProxyProc> {
-    let exe = std::env::current_exe().context("locating the msocks binary")?;
-    let mut child = tb
-        .px
-        .command(&exe)
-        .args([
-            "proxy",
-            "--listen",
-            &format!("0.0.0.0:{PROXY_PORT}"),
-            "--log-level",
-            "warn",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting msocks proxy in the proxy namespace")?;
-    let stderr = child.stderr.take();
-    let proxy = ProxyProc(child);
-    if let Some(err) = stderr {
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                eprintln!("  [proxy] {line}");
-            }
-        });
-    }
-    let proxy_at = SocketAddr::from((tb.px_wired_ip, PROXY_PORT));
-    let ready = tb.mn.run_in(|| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if TcpStream::connect_timeout(&proxy_at, Duration::from_millis(500)).is_ok() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    })?;
-    ensure!(
-        ready,
-        "msocks proxy did not start listening on {proxy_at} within 10 s"
-    );
-    Ok(proxy)
 }
 
 /// A listener in `ns` that accepts and closes connections until the process ends.

@@ -4,9 +4,8 @@
 //! — softly on request, and hard by pulling the link it is on. It ends with the SHA-256 of
 //! what each side sent and received; the exit status is 0 only when they match.
 
-use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -82,17 +81,7 @@ struct Side {
     received_sha: String,
 }
 
-/// The proxy process inside the proxy namespace, killed on drop.
-struct ProxyProc(Child);
-
-impl Drop for ProxyProc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-const PROXY_PORT: u16 = 1080;
+use crate::testbed_proxy::PROXY_PORT;
 const SERVER_PORT: u16 = 9000;
 const CHUNK: usize = 64 * 1024;
 
@@ -108,47 +97,7 @@ pub fn run(args: &DemoArgs) -> Result<bool> {
         tb.mn_wired_ip, tb.px_wired_ip, tb.mn_radio_ip, tb.px_radio_ip, tb.sv_ip
     );
 
-    let exe = std::env::current_exe().context("locating the msocks binary")?;
-    let mut child = tb
-        .px
-        .command(&exe)
-        .args([
-            "proxy",
-            "--listen",
-            &format!("0.0.0.0:{PROXY_PORT}"),
-            "--log-level",
-            "warn",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting msocks proxy in the proxy namespace")?;
-    let stderr = child.stderr.take();
-    let proxy = ProxyProc(child);
-    // The proxy logs at warn: relay its stderr (errors only) to ours, prefixed.
-    if let Some(err) = stderr {
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                eprintln!("\n  [proxy] {line}");
-            }
-        });
-    }
-
-    // Wait until the proxy accepts connections from the mobile node.
-    let proxy_at = SocketAddr::from((tb.px_wired_ip, PROXY_PORT));
-    let ready = tb.mn.run_in(|| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if std::net::TcpStream::connect_timeout(&proxy_at, Duration::from_millis(200)).is_ok() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    })?;
-    if !ready {
-        bail!("msocks proxy did not start listening on {proxy_at} within 10 s");
-    }
+    let proxy = crate::testbed_proxy::start(&tb)?;
 
     let bytes = args.bytes;
     let server = tb

@@ -9,6 +9,7 @@ use std::time::Duration;
 mod agent_cli;
 mod bench_move;
 mod demo;
+mod testbed_proxy;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
