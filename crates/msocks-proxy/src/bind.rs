@@ -92,22 +92,11 @@ pub(crate) async fn serve_bind(
         }
     };
     // An MSOCKS BIND gets its identifier in both replies (docs/PROTOCOL.md).
-    let mut mobile = match open.mobility {
-        None => None,
-        Some(_) => match MobileSession::register(shared, client, &stream) {
-            Ok(m) => Some(m),
-            Err(e) => {
-                return refuse(
-                    &mut stream,
-                    client,
-                    open,
-                    ReplyCode::GeneralFailure,
-                    &e.to_string(),
-                )
-                .await
-            }
-        },
-    };
+    let mut mobile =
+        match MobileSession::register_if_mobile(shared, client, open, &mut stream).await {
+            Ok(m) => m,
+            Err(refused) => return refused,
+        };
     let extension = mobile
         .as_ref()
         .map_or(ReplyExtension::None, |m| m.extension());

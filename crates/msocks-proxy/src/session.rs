@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use msocks_proto::{
-    DecodeError, Greeting, Method, MethodSelection, OpenRequest, Reply, ReplyCode, Request,
-    TargetAddr, UserPassReply, UserPassRequest,
+    DecodeError, Greeting, Method, MethodSelection, OpenRequest, Reply, ReplyCode, ReplyExtension,
+    Request, TargetAddr, UserPassReply, UserPassRequest,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -455,62 +455,34 @@ async fn serve_connect(
         .local_addr()
         .map(TargetAddr::Ip)
         .unwrap_or(TargetAddr::UNSPECIFIED);
-    match open.mobility {
-        None => {
-            if let Err(e) = send_reply(&mut stream, &Reply::success(bound)).await {
-                return Outcome::Ended(format!("client gone before the reply: {e}"));
-            }
-            run_established(
-                shared,
-                None,
-                stream,
-                server,
-                client,
-                open,
-                reader.leftover(),
-                traffic,
-            )
-            .await
-        }
-        Some(options) => {
-            let mut session = match MobileSession::register(shared, client, &stream) {
-                Ok(s) => s,
-                Err(e) => {
-                    return refuse(
-                        &mut stream,
-                        client,
-                        open,
-                        ReplyCode::GeneralFailure,
-                        &e.to_string(),
-                    )
-                    .await
-                }
-            };
-            if let Err(e) = send_reply(
-                &mut stream,
-                &Reply {
-                    code: ReplyCode::Succeeded,
-                    bound,
-                    extension: session.extension(),
-                },
-            )
-            .await
-            {
-                return Outcome::Ended(format!("client gone before the reply: {e}"));
-            }
-            run_established(
-                shared,
-                Some((&mut session, options)),
-                stream,
-                server,
-                client,
-                open,
-                reader.leftover(),
-                traffic,
-            )
-            .await
-        }
+    let mut mobile =
+        match MobileSession::register_if_mobile(shared, client, open, &mut stream).await {
+            Ok(m) => m,
+            Err(refused) => return refused,
+        };
+    let extension = mobile
+        .as_ref()
+        .map_or(ReplyExtension::None, |m| m.extension());
+    let reply = Reply {
+        code: ReplyCode::Succeeded,
+        bound,
+        extension,
+    };
+    if let Err(e) = send_reply(&mut stream, &reply).await {
+        return Outcome::Ended(format!("client gone before the reply: {e}"));
     }
+    let engine = mobile.as_mut().zip(open.mobility);
+    run_established(
+        shared,
+        engine,
+        stream,
+        server,
+        client,
+        open,
+        reader.leftover(),
+        traffic,
+    )
+    .await
 }
 
 /// An MSOCKS session between registration and its end: the token is forgotten on drop.
@@ -544,6 +516,30 @@ impl<'a> MobileSession<'a> {
             id: msocks_proto::ConnectionId { token, home },
             attach_rx: Some(rx),
         })
+    }
+
+    /// Registers a session when the client asked for mobility; on failure the client gets
+    /// reply 0x01 and the outcome to return.
+    pub(crate) async fn register_if_mobile(
+        shared: &'a Shared,
+        client: &Client,
+        open: &OpenRequest,
+        stream: &mut TcpStream,
+    ) -> Result<Option<Self>, Outcome> {
+        if open.mobility.is_none() {
+            return Ok(None);
+        }
+        match Self::register(shared, client, stream) {
+            Ok(m) => Ok(Some(m)),
+            Err(e) => Err(refuse(
+                stream,
+                client,
+                open,
+                ReplyCode::GeneralFailure,
+                &e.to_string(),
+            )
+            .await),
+        }
     }
 
     /// The reply trailer carrying the identifier.
