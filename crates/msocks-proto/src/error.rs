@@ -46,4 +46,8 @@ pub enum DecodeError {
     /// name where only an IP address may stand, such as a connection identifier's home).
     #[error("address type {0:#04x} is not allowed here")]
     AddressTypeNotAllowed(u8),
+    /// A standby-connection frame whose type byte is neither a probe nor the start of a
+    /// request or reply.
+    #[error("unknown standby frame type {0:#04x}")]
+    UnknownFrame(u8),
 }

@@ -26,6 +26,7 @@ pub mod mobility;
 pub mod reply;
 pub mod request;
 pub mod resplice;
+pub mod standby;
 pub mod udp;
 pub mod userpass;
 
@@ -38,6 +39,7 @@ pub use mobility::{
 pub use reply::{Reply, ReplyCode, ReplyContext, ReplyExtension};
 pub use request::{Command, OpenRequest, Request};
 pub use resplice::{resplice, Resplice, RespliceError, SessionPosition};
+pub use standby::{encode_standby_request, ProxyFrame, StandbyFrame};
 pub use udp::UdpHeader;
 pub use userpass::{UserPassReply, UserPassRequest};
 

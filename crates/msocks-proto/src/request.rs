@@ -2,7 +2,8 @@
 //!
 //! `VER | CMD | RSV | ATYP | DST.ADDR | DST.PORT` for the SOCKS5 commands;
 //! the same followed by a [`MobilityOptions`] trailer for MSOCKS CONNECT and BIND;
-//! `VER | CMD | RSV | <RECONNECT body>` for RECONNECT.
+//! `VER | CMD | RSV | <RECONNECT body>` for RECONNECT;
+//! `VER | CMD | RSV | MVER | FLAGS` for STANDBY.
 
 use crate::mobility::{MobilityOptions, ReconnectRequest};
 use crate::{need, DecodeError, Decoded, Reader, TargetAddr, SOCKS_VERSION};
@@ -19,6 +20,9 @@ pub const CMD_MSOCKS_CONNECT: u8 = 0x81;
 pub const CMD_MSOCKS_BIND: u8 = 0x82;
 /// CMD of an MSOCKS RECONNECT.
 pub const CMD_RECONNECT: u8 = 0x83;
+/// CMD of an MSOCKS STANDBY: hold this authenticated connection for a later request and
+/// answer liveness probes meanwhile (PROTOCOL.md 3.13).
+pub const CMD_STANDBY: u8 = 0x84;
 
 /// What a new session asks the proxy to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -60,6 +64,8 @@ pub enum Request {
     Open(OpenRequest),
     /// Resume an existing session over this new connection.
     Reconnect(ReconnectRequest),
+    /// Keep this connection open for a later request, answering probes meanwhile.
+    Standby,
 }
 
 impl Request {
@@ -87,6 +93,7 @@ impl Request {
                 out.extend_from_slice(&[SOCKS_VERSION, CMD_RECONNECT, 0x00]);
                 rc.encode_body(out);
             }
+            Request::Standby => crate::standby::encode_standby_request(out),
         }
     }
 
@@ -112,6 +119,11 @@ impl Request {
                 let _rsv = need!(r.u8());
                 let body = need!(ReconnectRequest::read_body(&mut r)?);
                 return Ok(Some((Request::Reconnect(body), r.consumed())));
+            }
+            CMD_STANDBY => {
+                let _rsv = need!(r.u8());
+                need!(crate::standby::read_standby_body(&mut r)?);
+                return Ok(Some((Request::Standby, r.consumed())));
             }
             other => return Err(DecodeError::UnknownCommand(other)),
         };

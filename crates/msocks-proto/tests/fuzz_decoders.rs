@@ -35,8 +35,9 @@ use std::fmt::Debug;
 
 use common::*;
 use msocks_proto::{
-    ConnectionId, Decoded, Greeting, MethodSelection, MobilityOptions, Reply, ReplyContext,
-    Request, ResumeCounters, TargetAddr, UdpHeader, UserPassReply, UserPassRequest,
+    ConnectionId, Decoded, Greeting, MethodSelection, MobilityOptions, ProxyFrame, Reply,
+    ReplyContext, Request, ResumeCounters, StandbyFrame, TargetAddr, UdpHeader, UserPassReply,
+    UserPassRequest,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -145,73 +146,94 @@ fn config() -> ProptestConfig {
 struct Codec<T> {
     decode: fn(&[u8]) -> Decoded<T>,
     encode: fn(&T, &mut Vec<u8>),
-    reserved: &'static [usize],
+    /// Offsets of the reserved bytes of the message at the front of the given encoding.
+    reserved: fn(&[u8]) -> &'static [usize],
 }
 
 const GREETING: Codec<Greeting> = Codec {
     decode: Greeting::decode,
     encode: Greeting::encode,
-    reserved: &[],
+    reserved: |_| &[],
 };
 const METHOD_SELECTION: Codec<MethodSelection> = Codec {
     decode: MethodSelection::decode,
     encode: MethodSelection::encode,
-    reserved: &[],
+    reserved: |_| &[],
 };
 const USERPASS_REQUEST: Codec<UserPassRequest> = Codec {
     decode: UserPassRequest::decode,
     encode: UserPassRequest::encode,
-    reserved: &[],
+    reserved: |_| &[],
 };
 const USERPASS_REPLY: Codec<UserPassReply> = Codec {
     decode: UserPassReply::decode,
     encode: UserPassReply::encode,
-    reserved: &[],
+    reserved: |_| &[],
 };
 const REQUEST: Codec<Request> = Codec {
     decode: Request::decode,
     encode: Request::encode,
-    reserved: &[2],
+    reserved: |_| &[2],
 };
 const REPLY_PLAIN: Codec<Reply> = Codec {
     decode: |b| Reply::decode(b, ReplyContext::Plain),
     encode: Reply::encode,
-    reserved: &[2],
+    reserved: |_| &[2],
 };
 const REPLY_MOBILE_OPEN: Codec<Reply> = Codec {
     decode: |b| Reply::decode(b, ReplyContext::MobileOpen),
     encode: Reply::encode,
-    reserved: &[2],
+    reserved: |_| &[2],
 };
 const REPLY_RECONNECT: Codec<Reply> = Codec {
     decode: |b| Reply::decode(b, ReplyContext::Reconnect),
     encode: Reply::encode,
-    reserved: &[2],
+    reserved: |_| &[2],
+};
+/// A standby frame that is a request or reply (version byte first) has RSV at offset 2; a
+/// probe has none.
+fn frame_reserved(bytes: &[u8]) -> &'static [usize] {
+    if bytes.first() == Some(&0x05) {
+        &[2]
+    } else {
+        &[]
+    }
+}
+
+const STANDBY_FRAME: Codec<StandbyFrame> = Codec {
+    decode: StandbyFrame::decode,
+    encode: StandbyFrame::encode,
+    reserved: frame_reserved,
+};
+const PROXY_FRAME_RECONNECT: Codec<ProxyFrame> = Codec {
+    decode: |b| ProxyFrame::decode(b, ReplyContext::Reconnect),
+    encode: ProxyFrame::encode,
+    reserved: frame_reserved,
 };
 const UDP_HEADER: Codec<UdpHeader> = Codec {
     decode: UdpHeader::decode,
     encode: UdpHeader::encode,
-    reserved: &[0, 1],
+    reserved: |_| &[0, 1],
 };
 const TARGET_ADDR: Codec<TargetAddr> = Codec {
     decode: TargetAddr::decode,
     encode: TargetAddr::encode,
-    reserved: &[],
+    reserved: |_| &[],
 };
 const CONNECTION_ID: Codec<ConnectionId> = Codec {
     decode: ConnectionId::decode,
     encode: ConnectionId::encode,
-    reserved: &[],
+    reserved: |_| &[],
 };
 const MOBILITY_OPTIONS: Codec<MobilityOptions> = Codec {
     decode: MobilityOptions::decode,
     encode: MobilityOptions::encode,
-    reserved: &[],
+    reserved: |_| &[],
 };
 const RESUME_COUNTERS: Codec<ResumeCounters> = Codec {
     decode: ResumeCounters::decode,
     encode: ResumeCounters::encode,
-    reserved: &[],
+    reserved: |_| &[],
 };
 
 /// All the properties listed at the top of this file, for one decoder and one input.
@@ -247,7 +269,7 @@ fn check<T: PartialEq + Debug + Clone>(
 
             // The encoding is the consumed input, with reserved bytes zeroed.
             let mut expected = input[..n].to_vec();
-            for &i in codec.reserved {
+            for &i in (codec.reserved)(input) {
                 if let Some(b) = expected.get_mut(i) {
                     *b = 0;
                 }
@@ -366,6 +388,8 @@ fn any_valid_encoding() -> BoxedStrategy<Vec<u8>> {
         enc(reply(ReplyContext::Plain), Reply::encode),
         enc(reply(ReplyContext::MobileOpen), Reply::encode),
         enc(reply(ReplyContext::Reconnect), Reply::encode),
+        enc(standby_frame(), StandbyFrame::encode),
+        enc(proxy_frame(ReplyContext::Reconnect), ProxyFrame::encode),
         enc(udp_header(), UdpHeader::encode),
         enc(target_addr(), TargetAddr::encode),
         enc(connection_id(), ConnectionId::encode),
@@ -442,6 +466,12 @@ fuzz_decoder!(
     reply_reconnect_decoder,
     REPLY_RECONNECT,
     reply(ReplyContext::Reconnect)
+);
+fuzz_decoder!(standby_frame_decoder, STANDBY_FRAME, standby_frame());
+fuzz_decoder!(
+    proxy_frame_decoder,
+    PROXY_FRAME_RECONNECT,
+    proxy_frame(ReplyContext::Reconnect)
 );
 fuzz_decoder!(udp_header_decoder, UDP_HEADER, udp_header());
 fuzz_decoder!(target_addr_decoder, TARGET_ADDR, target_addr());

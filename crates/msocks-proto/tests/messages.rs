@@ -14,9 +14,9 @@ use msocks_proto::mobility::{FLAG_OOB_INLINE, MAX_REQUEST_TRAILER, RECONNECT_BOD
 use msocks_proto::userpass::USERPASS_VERSION;
 use msocks_proto::{
     Command, ConnectionId, DecodeError, Decoded, Greeting, Method, MethodSelection,
-    MobilityOptions, OpenRequest, ReconnectRequest, Reply, ReplyCode, ReplyContext, ReplyExtension,
-    Request, ResumeCounters, SessionToken, TargetAddr, UdpHeader, UserPassReply, UserPassRequest,
-    MAX_HANDSHAKE_MESSAGE, MSOCKS_VERSION, SOCKS_VERSION,
+    MobilityOptions, OpenRequest, ProxyFrame, ReconnectRequest, Reply, ReplyCode, ReplyContext,
+    ReplyExtension, Request, ResumeCounters, SessionToken, StandbyFrame, TargetAddr, UdpHeader,
+    UserPassReply, UserPassRequest, MAX_HANDSHAKE_MESSAGE, MSOCKS_VERSION, SOCKS_VERSION,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -694,7 +694,7 @@ fn request_wrong_version() {
 
 #[test]
 fn request_unknown_command() {
-    for cmd in [0x00, 0x04, 0x07, 0x80, 0x84, 0xff] {
+    for cmd in [0x00, 0x04, 0x07, 0x80, 0x85, 0xff] {
         let mut bytes = CONNECT_V4;
         bytes[1] = cmd;
         assert_eq!(
@@ -1205,4 +1205,70 @@ fn decode_error_messages() {
     for (error, message) in cases {
         assert_eq!(error.to_string(), message);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// STANDBY and probes (PROTOCOL.md 3.13)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn standby_request_bytes() {
+    let bytes = enc(|o| Request::Standby.encode(o));
+    assert_eq!(bytes, [0x05, 0x84, 0x00, 0x01, 0x00]);
+    assert_eq!(Request::decode(&bytes), Ok(Some((Request::Standby, 5))));
+    for k in 0..5 {
+        assert_eq!(Request::decode(&bytes[..k]), Ok(None));
+    }
+}
+
+#[test]
+fn standby_request_errors() {
+    assert_eq!(
+        Request::decode(&[0x05, 0x84, 0x00, 0x02, 0x00]),
+        Err(DecodeError::UnsupportedMsocksVersion(2))
+    );
+    assert_eq!(
+        Request::decode(&[0x05, 0x84, 0x00, 0x01, 0x80]),
+        Err(DecodeError::ReservedFlags(0x80))
+    );
+}
+
+#[test]
+fn probe_frames() {
+    let ping = enc(|o| StandbyFrame::Ping(0x0102030405060708).encode(o));
+    assert_eq!(ping, [0x01, 1, 2, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(
+        StandbyFrame::decode(&ping),
+        Ok(Some((StandbyFrame::Ping(0x0102030405060708), 9)))
+    );
+    assert_eq!(StandbyFrame::decode(&ping[..8]), Ok(None));
+    let pong = enc(|o| ProxyFrame::Pong(7).encode(o));
+    assert_eq!(pong, [0x02, 0, 0, 0, 0, 0, 0, 0, 7]);
+    assert_eq!(
+        ProxyFrame::decode(&pong, ReplyContext::Reconnect),
+        Ok(Some((ProxyFrame::Pong(7), 9)))
+    );
+    // A request after pings is the request.
+    let mut both = ping.clone();
+    let rc = Request::Reconnect(ReconnectRequest {
+        oob_inline: true,
+        token: token(),
+        data_read: 1,
+        data_written: 2,
+    });
+    rc.encode(&mut both);
+    assert_eq!(
+        StandbyFrame::decode(&both[9..]),
+        Ok(Some((StandbyFrame::Request(rc), 37)))
+    );
+    // Anything else is refused with the type byte named.
+    assert_eq!(
+        StandbyFrame::decode(&[0x02, 0]),
+        Err(DecodeError::UnknownFrame(2))
+    );
+    assert_eq!(
+        ProxyFrame::decode(&[0x01], ReplyContext::Plain),
+        Err(DecodeError::UnknownFrame(1))
+    );
+    assert_eq!(StandbyFrame::decode(&[]), Ok(None));
 }

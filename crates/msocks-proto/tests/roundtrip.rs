@@ -121,6 +121,7 @@ proptest! {
                     + if open.mobility.is_some() { MAX_REQUEST_TRAILER } else { 0 }
             }
             Request::Reconnect(_) => 3 + RECONNECT_BODY_LEN,
+            Request::Standby => 5,
         };
         prop_assert_eq!(bytes.len(), expected_len);
     }

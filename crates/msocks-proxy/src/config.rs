@@ -153,6 +153,11 @@ pub struct MobilityConfig {
     /// address of this proxy you already know, at this port". Set it when several proxy
     /// processes share an address behind a load balancer, to this process's own address.
     pub home: Option<SocketAddr>,
+    /// How long a standby connection (STANDBY, PROTOCOL.md 3.13) may stay silent before the
+    /// proxy closes it. Mobile nodes probe every few hundred milliseconds; the default leaves
+    /// room for a node that stops probing while its link sleeps.
+    #[serde(with = "humantime_serde")]
+    pub standby_idle: Duration,
 }
 
 impl Default for MobilityConfig {
@@ -161,6 +166,7 @@ impl Default for MobilityConfig {
             enabled: true,
             park_timeout: Duration::from_secs(180),
             home: None,
+            standby_idle: Duration::from_secs(30),
         }
     }
 }
@@ -210,15 +216,16 @@ impl ProxyConfig {
         }
         let l = &self.limits;
         for (name, d) in [
-            ("handshake_timeout", l.handshake_timeout),
-            ("resolve_timeout", l.resolve_timeout),
-            ("connect_timeout", l.connect_timeout),
-            ("bind_timeout", l.bind_timeout),
+            ("limits.handshake_timeout", l.handshake_timeout),
+            ("limits.resolve_timeout", l.resolve_timeout),
+            ("limits.connect_timeout", l.connect_timeout),
+            ("limits.bind_timeout", l.bind_timeout),
             ("mobility.park_timeout", self.mobility.park_timeout),
+            ("mobility.standby_idle", self.mobility.standby_idle),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::Invalid(format!(
-                    "limits.{name} must be greater than 0"
+                    "{name} must be greater than 0"
                 )));
             }
         }

@@ -12,7 +12,8 @@
 //! - [`resolve`] and [`connect`]: reaching the destination, and mapping failures to replies;
 //! - [`relay`]: the userspace `relay` engine that copies a plain session's bytes;
 //! - `mobile` and `registry`: MSOCKS sessions — retention of unacknowledged bytes, parking,
-//!   RECONNECT and the resplice; [`tcp_state`]: what the kernel says about acknowledgments.
+//!   RECONNECT and the resplice; `standby`: pre-opened connections answering liveness
+//!   probes; [`tcp_state`]: what the kernel says about acknowledgments.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -28,6 +29,7 @@ pub mod resolve;
 pub mod rules;
 pub mod server;
 mod session;
+mod standby;
 pub mod tcp_state;
 mod udp;
 

@@ -60,7 +60,7 @@ pub(crate) async fn send_reply(stream: &mut TcpStream, reply: &Reply) -> std::io
 }
 
 /// The reply code for a request that could not be decoded.
-fn request_error_reply(e: &DecodeError) -> ReplyCode {
+pub(crate) fn request_error_reply(e: &DecodeError) -> ReplyCode {
     match e {
         DecodeError::UnknownCommand(_) => ReplyCode::CommandNotSupported,
         DecodeError::UnknownAddressType(_) => ReplyCode::AddressTypeNotSupported,
@@ -228,6 +228,15 @@ pub(crate) async fn serve(
         }
     };
 
+    let request = match request {
+        Request::Standby if shared.config.mobility.enabled => {
+            match crate::standby::hold(&shared, &mut stream, &mut reader, &client).await {
+                Some(r) => r,
+                None => return,
+            }
+        }
+        other => other,
+    };
     let open = match request {
         Request::Open(open) if open.mobility.is_none() || shared.config.mobility.enabled => open,
         Request::Reconnect(rc) if shared.config.mobility.enabled => {
@@ -240,7 +249,7 @@ pub(crate) async fn serve(
             }
             return reconnect(&shared, stream, &client, rc).await;
         }
-        Request::Open(_) | Request::Reconnect(_) => {
+        Request::Open(_) | Request::Reconnect(_) | Request::Standby => {
             // Mobility is switched off in the config; clients can fall back to plain SOCKS5.
             let _ = send_reply(&mut stream, &Reply::failure(ReplyCode::CommandNotSupported)).await;
             info!(session = id, client = %peer, user = %client.user_name(), "MSOCKS request refused: [mobility] enabled = false (0x07)");

@@ -701,3 +701,154 @@ async fn reconnect_racing_the_servers_fin_gets_the_rest_and_the_fin() {
         .unwrap()
         .is_empty());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Standby connections and probes (PROTOCOL.md 3.13)
+// ---------------------------------------------------------------------------------------------
+
+/// Greets, sends STANDBY and checks its success reply.
+async fn standby(proxy: SocketAddr, user: Option<(&str, &str)>) -> TcpStream {
+    let mut s = greet(proxy, user).await;
+    let mut out = Vec::new();
+    Request::Standby.encode(&mut out);
+    s.write_all(&out).await.unwrap();
+    let r = read_reply(&mut s, ReplyContext::Plain).await;
+    assert_eq!(r.code, ReplyCode::Succeeded, "{r:?}");
+    s
+}
+
+async fn ping(s: &mut TcpStream, nonce: u64) {
+    let mut out = Vec::new();
+    msocks_proto::StandbyFrame::Ping(nonce).encode(&mut out);
+    s.write_all(&out).await.unwrap();
+    let mut pong = [0u8; 9];
+    tokio::time::timeout(T, s.read_exact(&mut pong))
+        .await
+        .expect("pong in time")
+        .unwrap();
+    assert_eq!(
+        msocks_proto::ProxyFrame::decode(&pong, ReplyContext::Plain),
+        Ok(Some((msocks_proto::ProxyFrame::Pong(nonce), 9)))
+    );
+}
+
+#[tokio::test]
+async fn standby_answers_pings_then_carries_a_reconnect() {
+    let creds = Credentials::parse("alice:secret\n", std::path::Path::new("users")).unwrap();
+    let proxy = start_proxy(ProxyConfig::default(), Some(creds)).await;
+    let (echo, conns) = echo_server().await;
+    let user = Some(("alice", "secret"));
+    let (mut old, id) = mconnect(proxy, echo, MobilityOptions::default(), user).await;
+    let a = pattern(5_000, 3);
+    old.write_all(&a).await.unwrap();
+    let mut back = vec![0u8; a.len()];
+    old.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, a);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let mut warm = standby(proxy, user).await;
+    for nonce in [1, 2, u64::MAX] {
+        ping(&mut warm, nonce).await;
+    }
+    // A ping pipelined with the RECONNECT: its pong comes first, then the reply.
+    let mut out = Vec::new();
+    msocks_proto::StandbyFrame::Ping(9).encode(&mut out);
+    Request::Reconnect(ReconnectRequest {
+        oob_inline: true,
+        token: id.token,
+        data_read: 5_000,
+        data_written: 5_000,
+    })
+    .encode(&mut out);
+    warm.write_all(&out).await.unwrap();
+    let mut pong = [0u8; 9];
+    warm.read_exact(&mut pong).await.unwrap();
+    assert_eq!(pong[0], msocks_proto::standby::FRAME_PONG);
+    let reply = read_reply(&mut warm, ReplyContext::Reconnect).await;
+    assert_eq!(
+        resume(&reply),
+        ResumeCounters {
+            data_write: 0,
+            data_salvage: 0
+        }
+    );
+    let b = pattern(7_000, 4);
+    warm.write_all(&b).await.unwrap();
+    let mut back = vec![0u8; b.len()];
+    tokio::time::timeout(T, warm.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, b);
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn standby_can_carry_a_new_session_and_is_refused_when_mobility_is_off() {
+    let proxy = start_proxy(ProxyConfig::default(), None).await;
+    let (echo, _) = echo_server().await;
+    let mut warm = standby(proxy, None).await;
+    ping(&mut warm, 42).await;
+    let mut out = Vec::new();
+    Request::Open(OpenRequest {
+        command: Command::Connect,
+        target: TargetAddr::Ip(echo),
+        mobility: None,
+    })
+    .encode(&mut out);
+    warm.write_all(&out).await.unwrap();
+    let r = read_reply(&mut warm, ReplyContext::Plain).await;
+    assert_eq!(r.code, ReplyCode::Succeeded);
+    warm.write_all(b"hello").await.unwrap();
+    let mut back = [0u8; 5];
+    warm.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"hello");
+
+    let mut config = ProxyConfig::default();
+    config.mobility.enabled = false;
+    let off = start_proxy(config, None).await;
+    let mut s = greet(off, None).await;
+    let mut out = Vec::new();
+    Request::Standby.encode(&mut out);
+    s.write_all(&out).await.unwrap();
+    let r = read_reply(&mut s, ReplyContext::Plain).await;
+    assert_eq!(r.code, ReplyCode::CommandNotSupported);
+}
+
+#[tokio::test]
+async fn standby_bad_frames_and_silence_close_it() {
+    let mut config = ProxyConfig::default();
+    config.mobility.standby_idle = Duration::from_millis(300);
+    let proxy = start_proxy(config, None).await;
+    // An unknown frame type: general failure, then close.
+    let mut s = standby(proxy, None).await;
+    s.write_all(&[0x07, 0, 0]).await.unwrap();
+    let r = read_reply(&mut s, ReplyContext::Plain).await;
+    assert_eq!(r.code, ReplyCode::GeneralFailure);
+    let mut x = [0u8; 1];
+    assert!(matches!(
+        tokio::time::timeout(T, s.read(&mut x)).await.unwrap(),
+        Ok(0) | Err(_)
+    ));
+    // A second STANDBY on a standby connection: general failure.
+    let mut s = standby(proxy, None).await;
+    let mut out = Vec::new();
+    Request::Standby.encode(&mut out);
+    s.write_all(&out).await.unwrap();
+    let r = read_reply(&mut s, ReplyContext::Plain).await;
+    assert_eq!(r.code, ReplyCode::GeneralFailure);
+    // Silence longer than standby_idle: closed without a reply; pings keep it open.
+    let mut quiet = standby(proxy, None).await;
+    let mut busy = standby(proxy, None).await;
+    for n in 0..6 {
+        ping(&mut busy, n).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let started = std::time::Instant::now();
+    assert!(matches!(
+        tokio::time::timeout(T, quiet.read(&mut x)).await.unwrap(),
+        Ok(0) | Err(_)
+    ));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    ping(&mut busy, 99).await;
+}

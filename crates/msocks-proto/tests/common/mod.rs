@@ -15,8 +15,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use msocks_proto::{
     Command, ConnectionId, Greeting, Method, MethodSelection, MobilityOptions, OpenRequest,
-    ReconnectRequest, Reply, ReplyCode, ReplyContext, ReplyExtension, Request, ResumeCounters,
-    SessionToken, TargetAddr, UdpHeader, UserPassReply, UserPassRequest,
+    ProxyFrame, ReconnectRequest, Reply, ReplyCode, ReplyContext, ReplyExtension, Request,
+    ResumeCounters, SessionToken, StandbyFrame, TargetAddr, UdpHeader, UserPassReply,
+    UserPassRequest,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -158,6 +159,23 @@ pub fn request() -> BoxedStrategy<Request> {
     prop_oneof![
         3 => open_request().prop_map(Request::Open),
         1 => reconnect_request().prop_map(Request::Reconnect),
+        1 => Just(Request::Standby),
+    ]
+    .boxed()
+}
+
+pub fn standby_frame() -> BoxedStrategy<StandbyFrame> {
+    prop_oneof![
+        any::<u64>().prop_map(StandbyFrame::Ping),
+        request().prop_map(StandbyFrame::Request),
+    ]
+    .boxed()
+}
+
+pub fn proxy_frame(context: ReplyContext) -> BoxedStrategy<ProxyFrame> {
+    prop_oneof![
+        any::<u64>().prop_map(ProxyFrame::Pong),
+        reply(context).prop_map(ProxyFrame::Reply),
     ]
     .boxed()
 }
