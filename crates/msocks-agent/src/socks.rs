@@ -111,6 +111,7 @@ pub async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
         // to the proxy directly.
         Request::Open(o) if o.mobility.is_some() => "MSOCKS",
         Request::Reconnect(_) => "RECONNECT",
+        Request::Standby => "STANDBY",
         Request::Open(o) => match o.command {
             Command::Connect => {
                 return Ok((o.target.clone(), std::mem::take(&mut reader.buf)));

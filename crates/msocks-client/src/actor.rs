@@ -37,9 +37,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{MobileConfig, ProxyPath};
 use crate::handshake::{
-    self, open_socket, reconnect_on, Opened, ReconnectParams, Resumed, SocketOptions,
+    self, open_socket, reconnect_on, Handshake, Opened, ReconnectParams, Resumed, SocketOptions,
 };
 use crate::ring::Ring;
+use crate::standby::Standby;
 use crate::stream::{MobileControl, MobileStream, MoveReport, Shared, StreamState, StreamStatus};
 use crate::{sys, Error};
 
@@ -56,9 +57,21 @@ pub(crate) enum ControlCommand {
     /// Move the stream to `path`.
     Migrate {
         path: ProxyPath,
+        /// A standby connection on `path` to carry the RECONNECT (a warm move).
+        standby: Option<Standby>,
         requested: Instant,
         reply: oneshot::Sender<Result<MoveReport, Error>>,
     },
+}
+
+/// A connection a migration already made, for the first RECONNECT attempt.
+struct FirstAttempt {
+    stream: TcpStream,
+    path: ProxyPath,
+    connect_time: Duration,
+    /// The handshake buffer of a standby connection (already authenticated); `None` for a
+    /// fresh connection.
+    warm: Option<Handshake>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -539,10 +552,36 @@ impl Actor {
     fn start_migration(&mut self, command: ControlCommand) {
         let ControlCommand::Migrate {
             path,
+            standby,
             requested,
             reply,
         } = command;
-        tracing::debug!(token = %self.id.token, from = %self.conn.path, to = %path, "migration requested");
+        tracing::debug!(token = %self.id.token, from = %self.conn.path, to = %path, warm = standby.is_some(), "migration requested");
+        if let Some(standby) = standby {
+            let home = path.reconnect_target(self.id.home);
+            if standby.proxy != home {
+                let _ = reply.send(Err(Error::Config(format!(
+                    "the standby connection goes to {} but this session's RECONNECT must go to {home}",
+                    standby.proxy
+                ))));
+                return;
+            }
+            self.pending = Some(PendingMove {
+                target: Some(path.clone()),
+                requested,
+                reply: Some(reply),
+            });
+            let mut paths = vec![path.clone()];
+            paths.extend(self.cfg.paths.iter().filter(|p| **p != path).cloned());
+            let first = FirstAttempt {
+                stream: standby.stream,
+                path,
+                connect_time: Duration::ZERO,
+                warm: Some(standby.hs),
+            };
+            self.begin_resume(Some(first), paths);
+            return;
+        }
         let dest = path.reconnect_target(self.id.home);
         let opts = self.opts.clone();
         let target = path.clone();
@@ -567,7 +606,13 @@ impl Actor {
                 // have to be retried.
                 let mut paths = vec![target.clone()];
                 paths.extend(self.cfg.paths.iter().filter(|p| **p != target).cloned());
-                self.begin_resume(Some((stream, target, connect_time)), paths);
+                let first = FirstAttempt {
+                    stream,
+                    path: target,
+                    connect_time,
+                    warm: None,
+                };
+                self.begin_resume(Some(first), paths);
                 Ok(())
             }
             (result, _) => {
@@ -597,11 +642,7 @@ impl Actor {
     }
 
     /// Freezes the current connection and sends RECONNECT with the now-final counters.
-    fn begin_resume(
-        &mut self,
-        first: Option<(TcpStream, ProxyPath, Duration)>,
-        paths: Vec<ProxyPath>,
-    ) {
+    fn begin_resume(&mut self, first: Option<FirstAttempt>, paths: Vec<ProxyPath>) {
         self.conn.frozen = true;
         self.window_blocked = false;
         let params = ReconnectParams {
@@ -802,7 +843,7 @@ fn classify(err: &Error) -> Verdict {
 /// `first` is a connection a migration already made; after it, `paths` are tried in order,
 /// in rounds separated by exponential backoff.
 async fn resume(
-    first: Option<(TcpStream, ProxyPath, Duration)>,
+    first: Option<FirstAttempt>,
     paths: Vec<ProxyPath>,
     params: ReconnectParams,
     cfg: Arc<MobileConfig>,
@@ -819,9 +860,15 @@ async fn resume(
         },
         old_intact: false,
     };
-    if let Some((stream, path, connect_time)) = first {
+    if let Some(FirstAttempt {
+        stream,
+        path,
+        connect_time,
+        warm,
+    }) = first
+    {
         attempts += 1;
-        let attempt = reconnect_on(stream, &path, &params, &cfg, connect_time);
+        let attempt = reconnect_on(stream, &path, &params, &cfg, connect_time, warm);
         let result = match tokio::time::timeout(cfg.handshake_timeout, attempt).await {
             Ok(result) => result,
             Err(_) => Err(Error::Timeout("RECONNECT")),
@@ -862,7 +909,7 @@ async fn resume(
                 let connect_time = started.elapsed();
                 match tokio::time::timeout(
                     cfg.handshake_timeout,
-                    reconnect_on(stream, path, &params, &cfg, connect_time),
+                    reconnect_on(stream, path, &params, &cfg, connect_time, None),
                 )
                 .await
                 {

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use msocks_proto::{
     Command, ConnectionId, Decoded, Greeting, Method, MethodSelection, MobilityOptions,
-    OpenRequest, ReconnectRequest, Reply, ReplyCode, ReplyContext, ReplyExtension, Request,
-    ResumeCounters, TargetAddr, UserPassReply, UserPassRequest,
+    OpenRequest, ProxyFrame, ReconnectRequest, Reply, ReplyCode, ReplyContext, ReplyExtension,
+    Request, ResumeCounters, TargetAddr, UserPassReply, UserPassRequest,
 };
 use socket2::SockRef;
 use tokio::io::AsyncWriteExt;
@@ -155,7 +155,7 @@ pub(crate) fn send_buffer_of(stream: &TcpStream) -> Result<usize, Error> {
 }
 
 /// Appends the greeting offering exactly one method, and the credentials if any.
-fn encode_auth(out: &mut Vec<u8>, cfg: &MobileConfig) {
+pub(crate) fn encode_auth(out: &mut Vec<u8>, cfg: &MobileConfig) {
     let method = if cfg.credentials.is_some() {
         Method::USER_PASS
     } else {
@@ -175,7 +175,7 @@ fn encode_auth(out: &mut Vec<u8>, cfg: &MobileConfig) {
 }
 
 /// Reads the method selection and, with credentials, the RFC 1929 verdict.
-async fn finish_auth(
+pub(crate) async fn finish_auth(
     hs: &mut Handshake,
     stream: &mut TcpStream,
     cfg: &MobileConfig,
@@ -323,17 +323,21 @@ pub(crate) struct Resumed {
 }
 
 /// Sends greeting, credentials and RECONNECT in one write on a fresh connection and reads
-/// the answers. The caller has stopped using the old socket already, so the counters are
-/// final.
+/// the answers; on a standby connection (`warm`: its handshake buffer) only RECONNECT, and
+/// the answers to probes still in flight are skipped. The caller has stopped using the old
+/// socket already, so the counters are final.
 pub(crate) async fn reconnect_on(
     mut stream: TcpStream,
     path: &ProxyPath,
     params: &ReconnectParams,
     cfg: &MobileConfig,
     connect_time: Duration,
+    warm: Option<Handshake>,
 ) -> Result<Resumed, Error> {
     let mut out = Vec::with_capacity(600);
-    encode_auth(&mut out, cfg);
+    if warm.is_none() {
+        encode_auth(&mut out, cfg);
+    }
     Request::Reconnect(ReconnectRequest {
         oob_inline: params.oob_inline,
         token: params.id.token,
@@ -346,13 +350,29 @@ pub(crate) async fn reconnect_on(
         .write_all(&out)
         .await
         .map_err(|e| Error::io("sending RECONNECT", e))?;
-    let mut hs = Handshake::new();
-    finish_auth(&mut hs, &mut stream, cfg).await?;
-    let reply = hs
-        .recv(&mut stream, "RECONNECT reply", |b| {
-            Reply::decode(b, ReplyContext::Reconnect)
-        })
-        .await?;
+    let reply = match warm {
+        None => {
+            let mut hs = Handshake::new();
+            finish_auth(&mut hs, &mut stream, cfg).await?;
+            let reply = hs
+                .recv(&mut stream, "RECONNECT reply", |b| {
+                    Reply::decode(b, ReplyContext::Reconnect)
+                })
+                .await?;
+            (reply, hs)
+        }
+        Some(mut hs) => loop {
+            let frame = hs
+                .recv(&mut stream, "RECONNECT reply", |b| {
+                    ProxyFrame::decode(b, ReplyContext::Reconnect)
+                })
+                .await?;
+            if let ProxyFrame::Reply(reply) = frame {
+                break (reply, hs);
+            }
+        },
+    };
+    let (reply, hs) = reply;
     let counters = match (reply.code, reply.extension) {
         (ReplyCode::Succeeded, ReplyExtension::Resume(c)) => c,
         (ReplyCode::Succeeded, _) => {

@@ -12,6 +12,9 @@
 //! * [`MobileControl::migrate`] moves a stream to another path (make-before-break); when
 //!   the connection to the proxy fails, the stream reconnects on its own over the configured
 //!   paths, until [`MobileConfig::reconnect_deadline`].
+//! * [`Standby`] opens an authenticated connection ahead of need on a path: its
+//!   [`ping`](Standby::ping) probes the path's liveness, and
+//!   [`MobileControl::migrate_via`] moves a stream onto it with one RECONNECT round trip.
 //!
 //! How the byte counters work (PROTOCOL.md 3.2 and 3.7): `data_read` counts every byte taken
 //! out of the stream's sockets, including bytes still in the library's buffers, because
@@ -50,6 +53,7 @@ mod config;
 mod error;
 mod handshake;
 mod ring;
+mod standby;
 mod stream;
 mod sys;
 
@@ -58,4 +62,5 @@ pub use config::{
 };
 pub use error::Error;
 pub use msocks_proto::{ConnectionId, SessionToken, TargetAddr};
+pub use standby::Standby;
 pub use stream::{MobileBind, MobileControl, MobileStream, MoveReport, StreamState, StreamStatus};

@@ -29,8 +29,8 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use msocks_client::{
-    MobileConfig, MobileControl, MobileStream, MoveReport, ProxyPath, StreamState, StreamStatus,
-    TargetAddr,
+    MobileConfig, MobileControl, MobileStream, MoveReport, ProxyPath, Standby, StreamState,
+    StreamStatus, TargetAddr,
 };
 use msocks_testbed::{Link, Testbed};
 use sha2::{Digest, Sha256};
@@ -517,6 +517,7 @@ struct Mover<'a> {
     control: MobileControl,
     on: Link,
     done: Vec<Move>,
+    warm: bool,
 }
 
 impl<'a> Mover<'a> {
@@ -533,6 +534,33 @@ impl<'a> Mover<'a> {
             control,
             on: Link::Wired,
             done: Vec::new(),
+            warm: false,
+        }
+    }
+
+    /// A standby connection on the path to `to`, probed once, when moves are warm.
+    async fn standby(&self, to: Link) -> Option<Standby> {
+        if !self.warm {
+            return None;
+        }
+        let mut standby = Standby::open(path(self.tb, to), &config(self.tb))
+            .await
+            .unwrap_or_else(|e| panic!("opening a standby connection on {to:?}: {e}"));
+        standby
+            .ping()
+            .await
+            .unwrap_or_else(|e| panic!("probing the standby connection on {to:?}: {e}"));
+        Some(standby)
+    }
+
+    async fn migrate(
+        &self,
+        to: Link,
+        standby: Option<Standby>,
+    ) -> Result<MoveReport, msocks_client::Error> {
+        match standby {
+            Some(s) => self.control.migrate_via(s).await,
+            None => self.control.migrate(path(self.tb, to)).await,
         }
     }
 
@@ -540,9 +568,9 @@ impl<'a> Mover<'a> {
     async fn soft(&mut self) -> MoveReport {
         let to = other(self.on);
         let n = self.done.len() + 1;
+        let standby = self.standby(to).await;
         let report = self
-            .control
-            .migrate(path(self.tb, to))
+            .migrate(to, standby)
             .await
             .unwrap_or_else(|e| panic!("soft move #{n} to {to:?} failed: {e}"));
         self.record(false, to, report)
@@ -554,11 +582,12 @@ impl<'a> Mover<'a> {
         let from = self.on;
         let to = other(from);
         let n = self.done.len() + 1;
+        let standby = self.standby(to).await;
         self.tb.link_down(from).expect("pulling the link");
         if !pause.is_zero() {
             tokio::time::sleep(pause).await;
         }
-        let result = self.control.migrate(path(self.tb, to)).await;
+        let result = self.migrate(to, standby).await;
         self.tb.link_up(from).expect("restoring the link");
         let report = result.unwrap_or_else(|e| panic!("hard move #{n} to {to:?} failed: {e}"));
         self.record(true, to, report)
@@ -654,6 +683,9 @@ struct Moves {
     interval: Duration,
     /// For hard moves: how long the link stays down before the migration starts.
     down_pause: Duration,
+    /// Warm moves: a standby connection is opened (and probed) on the new path before each
+    /// move, and the RECONNECT goes over it.
+    warm: bool,
 }
 
 /// A transfer both ways (either may be empty) with moves during it.
@@ -725,6 +757,7 @@ async fn drive(
 ) -> ClientEnd {
     let control = stream.control();
     let mut mover = Mover::new(tb, control.clone());
+    mover.warm = plan.moves.warm;
     let (rd, wr) = tokio::io::split(stream);
     let writer = tokio::spawn(app_write(wr, plan.up, up_gate.clone()));
     let reader = tokio::spawn(app_read(rd, plan.client_read_pause));
@@ -861,6 +894,7 @@ fn upload_survives_100_moves() {
             hard_every: 0,
             interval: Duration::from_millis(5),
             down_pause: Duration::ZERO,
+            warm: false,
         },
     );
     plan.spread = false;
@@ -888,6 +922,7 @@ fn download_survives_100_moves() {
             hard_every: 0,
             interval: Duration::from_millis(5),
             down_pause: Duration::ZERO,
+            warm: false,
         },
     );
     let (client, server, connections) = connect_transfer(&tb, SERVER_PORT, config(&tb), &plan);
@@ -917,6 +952,7 @@ fn both_directions_survive_100_moves_a_third_hard() {
             hard_every: 3,
             interval: Duration::from_millis(5),
             down_pause: Duration::ZERO,
+            warm: false,
         },
     );
     let (client, server, connections) = connect_transfer(&tb, SERVER_PORT, config(&tb), &plan);
@@ -944,6 +980,42 @@ fn both_directions_survive_100_moves_a_third_hard() {
     }
 }
 
+/// 60 warm moves (each over a standby connection opened and probed on the new path just
+/// before), every third hard, while 2 MiB go each way: byte-exact, one server connection,
+/// and each warm soft move attached without a TCP handshake (`connect_time` zero).
+#[test]
+fn both_directions_survive_60_warm_moves() {
+    if !msocks_testbed::require_root("both_directions_survive_60_warm_moves") {
+        return;
+    }
+    let tb = Testbed::mobile_proxy_server().expect("building the testbed");
+    let proxy = Proxy::start(&tb);
+    let plan = Plan::new(
+        2 * MIB,
+        2 * MIB,
+        Moves {
+            count: 60,
+            hard_every: 3,
+            interval: Duration::from_millis(5),
+            down_pause: Duration::ZERO,
+            warm: true,
+        },
+    );
+    let (client, server, connections) = connect_transfer(&tb, SERVER_PORT, config(&tb), &plan);
+    summary("warm, both ways", &client.moves);
+    assert_exact(&client, &server, connections, &plan);
+    for m in client.moves.iter().filter(|m| !m.hard) {
+        assert_eq!(
+            m.report.connect_time,
+            Duration::ZERO,
+            "a warm move made a TCP connection: {:?}",
+            m.report
+        );
+        assert_eq!(m.report.attempts, 1, "{:?}", m.report);
+    }
+    proxy.expect_sessions(&[60]);
+}
+
 // ---------------------------------------------------------------------------
 // 4: hard hand-offs
 // ---------------------------------------------------------------------------
@@ -966,6 +1038,7 @@ fn hard_handoffs_with_data_in_flight_both_ways() {
             hard_every: 1,
             interval: Duration::from_millis(20),
             down_pause: Duration::from_millis(40),
+            warm: false,
         },
     );
     let (client, server, connections) = connect_transfer(&tb, SERVER_PORT, config(&tb), &plan);
@@ -997,6 +1070,7 @@ fn slow_reader_salvages_from_the_old_socket() {
             hard_every: 0,
             interval: Duration::from_millis(40),
             down_pause: Duration::ZERO,
+            warm: false,
         },
     );
     // The server pushes everything (but the last chunk) at once; the application takes
@@ -1032,6 +1106,7 @@ fn fast_reader_gets_every_byte_once() {
             hard_every: 2,
             interval: Duration::from_millis(10),
             down_pause: Duration::ZERO,
+            warm: false,
         },
     );
     let (client, server, connections) = connect_transfer(&tb, SERVER_PORT, config(&tb), &plan);
@@ -1154,6 +1229,7 @@ fn bind_session_survives_moves() {
             hard_every: 3,
             interval: Duration::from_millis(10),
             down_pause: Duration::from_millis(10),
+            warm: false,
         },
     );
     let up_gate = Gate::new(plan.initial_quota(plan.up));
@@ -1411,6 +1487,7 @@ fn counters_cross_2_pow_32_63_and_64_during_moves() {
             hard_every: 3,
             interval: Duration::from_millis(5),
             down_pause: Duration::ZERO,
+            warm: false,
         },
     );
     // (name, boundary, read_origin, write_origin): each counter crosses its boundary
