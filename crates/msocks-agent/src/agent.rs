@@ -7,7 +7,8 @@
 //! policy wants now and migrates the stream when it differs from the path it is on. So a
 //! link that goes away and comes back moves streams away and back with one mechanism.
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -24,10 +25,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use crate::config::{AgentConfig, WhenUnavailable};
-use crate::control::{Request, Response, StreamRow};
+use crate::control::{InterfaceRow, Request, Response, StreamRow};
 use crate::error::AgentError;
 use crate::links::{self, LinkEvent};
 use crate::policy::{self, LiveLinks, Placement, StreamInfo};
+use crate::probe::{self, Probes};
 use crate::{peer, routes, socks};
 
 /// Time a local client has for its SOCKS5 greeting and request.
@@ -53,28 +55,63 @@ struct StreamEntry {
     place_tx: Option<mpsc::Sender<PlaceRequest>>,
 }
 
-struct State {
-    config: Arc<AgentConfig>,
-    live: LiveLinks,
+/// The policy, the links and the streams.
+pub(crate) struct State {
+    pub(crate) config: Arc<AgentConfig>,
+    pub(crate) live: LiveLinks,
     streams: BTreeMap<u64, StreamEntry>,
     next_id: u64,
 }
 
-struct Inner {
+/// Everything the agent's tasks share.
+pub(crate) struct Inner {
     state: Mutex<State>,
     /// Bumped, with the reason, whenever placements may have changed.
-    generation: watch::Sender<(u64, Arc<str>)>,
+    pub(crate) generation: watch::Sender<(u64, Arc<str>)>,
     manage_routes: bool,
+    /// Liveness probes and standby connections per interface.
+    pub(crate) probes: Probes,
+    /// Interfaces with a running probe task.
+    probing: Mutex<HashSet<String>>,
 }
 
 impl Inner {
     /// The state even after a panic elsewhere: every update is a plain store, so a
     /// poisoned lock still holds consistent data.
-    fn lock(&self) -> MutexGuard<'_, State> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn bump(&self, reason: impl Into<Arc<str>>) {
+    /// Starts a probe task for every configured interface that has none.
+    fn start_probes(self: &Arc<Self>) {
+        let names: Vec<String> = {
+            let st = self.lock();
+            if !st.config.standby {
+                return;
+            }
+            st.config
+                .interfaces
+                .iter()
+                .map(|i| i.name.clone())
+                .collect()
+        };
+        let mut probing = self.probing.lock().unwrap_or_else(|e| e.into_inner());
+        for name in names {
+            if probing.insert(name.clone()) {
+                let inner = self.clone();
+                tokio::spawn(async move {
+                    probe::probe_interface(inner.clone(), name.clone()).await;
+                    inner
+                        .probing
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&name);
+                });
+            }
+        }
+    }
+
+    pub(crate) fn bump(&self, reason: impl Into<Arc<str>>) {
         let reason = reason.into();
         self.generation.send_modify(|(g, r)| {
             *g += 1;
@@ -120,6 +157,8 @@ impl Agent {
             }),
             generation,
             manage_routes,
+            probes: Probes::default(),
+            probing: Mutex::new(HashSet::new()),
         });
         Ok(Agent {
             inner,
@@ -194,6 +233,7 @@ impl Agent {
             tasks.spawn(accept_loop(inner.clone(), listener));
         }
         tasks.spawn(control_loop(inner.clone(), control));
+        inner.start_probes();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -277,6 +317,7 @@ async fn reload(inner: &Arc<Inner>, source: Option<&Path>) {
         interfaces, "policy reloaded; re-placing every stream"
     );
     inner.bump("policy reloaded");
+    inner.start_probes();
 }
 
 /// Applies link events to the live view and re-places streams when an interface's
@@ -361,16 +402,31 @@ fn reply_code(e: &msocks_client::Error) -> ReplyCode {
     }
 }
 
+/// The links placement may use: the live ones without those that failed their probe.
+fn placeable<'a>(live: &'a LiveLinks, failed: &HashSet<String>) -> Cow<'a, LiveLinks> {
+    if failed.is_empty() {
+        return Cow::Borrowed(live);
+    }
+    Cow::Owned(
+        live.iter()
+            .filter(|(name, _)| !failed.contains(*name))
+            .map(|(n, i)| (n.clone(), i.clone()))
+            .collect(),
+    )
+}
+
 /// What the policy wants for a stream now: its pinned interface if that is usable, else
 /// every placement its rule allows, best first. Also its rule and wait/fail.
 fn wanted(
     st: &State,
+    failed: &HashSet<String>,
     info: &StreamInfo,
     pinned: Option<&str>,
 ) -> (Vec<Placement>, String, WhenUnavailable) {
     let decision = policy::decide(&st.config, info);
-    let mut list = policy::placements(&st.config, &decision, &st.live);
-    if let Some(p) = pinned.and_then(|name| policy::pinned_placement(&st.config, name, &st.live)) {
+    let live = placeable(&st.live, failed);
+    let mut list = policy::placements(&st.config, &decision, &live);
+    if let Some(p) = pinned.and_then(|name| policy::pinned_placement(&st.config, name, &live)) {
         list.retain(|x| x.path != p.path);
         list.insert(0, p);
     }
@@ -411,7 +467,7 @@ async fn handle_client(inner: Arc<Inner>, mut tcp: TcpStream, peer_addr: SocketA
         let mut st = inner.lock();
         let id = st.next_id;
         st.next_id += 1;
-        let (_, rule, _) = wanted(&st, &info, None);
+        let (_, rule, _) = wanted(&st, &HashSet::new(), &info, None);
         st.streams.insert(
             id,
             StreamEntry {
@@ -466,51 +522,62 @@ async fn run_stream(
 ) -> Result<u64, String> {
     let wait_deadline = Instant::now() + inner.lock().config.wait_timeout;
     let mut announced = false;
-    let (paths, config) = loop {
+    let mut mobile = loop {
         let (list, rule, when, config) = {
+            let failed = inner.probes.failed();
             let st = inner.lock();
-            let (list, rule, when) = wanted(&st, info, None);
+            let (list, rule, when) = wanted(&st, &failed, info, None);
             (list, rule, when, st.config.clone())
         };
-        if !list.is_empty() {
-            break (list, config);
-        }
-        if when == WhenUnavailable::Fail {
-            let _ = socks::send_reply(tcp, ReplyCode::NetworkUnreachable, TargetAddr::UNSPECIFIED)
-                .await;
-            return Err(format!(
-                "no usable interface allowed by {rule} (when_unavailable = fail)"
-            ));
-        }
-        if !announced {
-            info!(stream = id, destination = %info.target, "stream waiting: no usable interface allowed by {rule}");
-            announced = true;
-        }
-        // The SOCKS reply is held: the program's connect simply takes longer, and anything
-        // it sends meanwhile waits in its socket buffer.
-        match tokio::time::timeout_at(wait_deadline.into(), gen_rx.changed()).await {
-            Ok(Ok(())) => continue,
-            _ => {
+        if list.is_empty() {
+            if when == WhenUnavailable::Fail {
+                let _ =
+                    socks::send_reply(tcp, ReplyCode::NetworkUnreachable, TargetAddr::UNSPECIFIED)
+                        .await;
+                return Err(format!(
+                    "no usable interface allowed by {rule} (when_unavailable = fail)"
+                ));
+            }
+            if !announced {
+                info!(stream = id, destination = %info.target, "stream waiting: no usable interface allowed by {rule}");
+                announced = true;
+            }
+            // The SOCKS reply is held: the program's connect simply takes longer, and
+            // anything it sends meanwhile waits in its socket buffer.
+            if !wait_for_change(gen_rx, wait_deadline, None).await {
                 let _ =
                     socks::send_reply(tcp, ReplyCode::NetworkUnreachable, TargetAddr::UNSPECIFIED)
                         .await;
                 return Err("no usable interface within wait_timeout".into());
             }
+            continue;
         }
-    };
-    let mut mc = MobileConfig::with_paths(paths.iter().map(|p| p.path.clone()).collect());
-    mc.connect_timeout = config.connect_timeout;
-    // "wait" is the library's reconnect deadline for a stream whose links all went away.
-    mc.reconnect_deadline = config.wait_timeout;
-    mc.credentials = config
-        .proxy_auth
-        .as_ref()
-        .map(|a| Credentials::new(a.username.clone(), a.password.clone()));
-    let mut mobile = match MobileStream::connect(info.target.clone(), mc).await {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = socks::send_reply(tcp, reply_code(&e), TargetAddr::UNSPECIFIED).await;
-            return Err(format!("cannot open the stream through the proxy: {e}"));
+        let mut mc = MobileConfig::with_paths(list.iter().map(|p| p.path.clone()).collect());
+        mc.connect_timeout = config.connect_timeout;
+        // "wait" is the library's reconnect deadline for a stream whose links all went away.
+        mc.reconnect_deadline = config.wait_timeout;
+        mc.credentials = config
+            .proxy_auth
+            .as_ref()
+            .map(|a| Credentials::new(a.username.clone(), a.password.clone()));
+        match MobileStream::connect(info.target.clone(), mc).await {
+            Ok(s) => break s,
+            // No path reached the proxy: the links may be changing under us (an event not
+            // yet seen). Under "wait" that is one more reason to wait, not to fail.
+            Err(e @ (msocks_client::Error::Connect { .. } | msocks_client::Error::Timeout(_)))
+                if when == WhenUnavailable::Wait && Instant::now() < wait_deadline =>
+            {
+                info!(stream = id, destination = %info.target, "stream waiting: the proxy is not reachable on any allowed path ({e})");
+                announced = true;
+                if !wait_for_change(gen_rx, wait_deadline, Some(RETRY_MOVE)).await {
+                    let _ = socks::send_reply(tcp, reply_code(&e), TargetAddr::UNSPECIFIED).await;
+                    return Err(format!("cannot open the stream through the proxy: {e}"));
+                }
+            }
+            Err(e) => {
+                let _ = socks::send_reply(tcp, reply_code(&e), TargetAddr::UNSPECIFIED).await;
+                return Err(format!("cannot open the stream through the proxy: {e}"));
+            }
         }
     };
     if let Err(e) = socks::send_reply(tcp, ReplyCode::Succeeded, mobile.bound_addr().clone()).await
@@ -561,6 +628,25 @@ async fn run_stream(
     }
 }
 
+/// Waits for the next placement change, or `retry` if given; `false` once `deadline`
+/// passed first (or the agent is stopping).
+async fn wait_for_change(
+    gen_rx: &mut watch::Receiver<(u64, Arc<str>)>,
+    deadline: Instant,
+    retry: Option<Duration>,
+) -> bool {
+    let deadline = tokio::time::Instant::from(deadline);
+    let until = match retry {
+        Some(r) => deadline.min(tokio::time::Instant::now() + r),
+        None => deadline,
+    };
+    match tokio::time::timeout_at(until, gen_rx.changed()).await {
+        Ok(Ok(())) => true,
+        Ok(Err(_)) => false,
+        Err(_) => tokio::time::Instant::now() < deadline,
+    }
+}
+
 /// Keeps a stream where the policy wants it. Returns only to fail the stream.
 async fn placer(
     inner: Arc<Inner>,
@@ -594,14 +680,15 @@ async fn placer(
             std::future::pending::<()>().await;
         }
         let (want, when, config, live_ok) = {
+            let failed = inner.probes.failed();
             let st = inner.lock();
             let pinned = st.streams.get(&id).and_then(|e| e.pinned.clone());
-            let (list, _, when) = wanted(&st, &info, pinned.as_deref());
+            let (list, _, when) = wanted(&st, &failed, &info, pinned.as_deref());
             // Is the current path still carried by usable interfaces?
             let (o, i) = policy::describe_path(&st.config, &st.live, &status.path);
-            let ok = [&o, &i]
-                .iter()
-                .all(|n| st.live.get(n.as_str()).is_some_and(|l| l.usable()));
+            let ok = [&o, &i].iter().all(|n| {
+                !failed.contains(n.as_str()) && st.live.get(n.as_str()).is_some_and(|l| l.usable())
+            });
             (list.into_iter().next(), when, st.config.clone(), ok)
         };
         let Some(want) = want else {
@@ -635,7 +722,16 @@ async fn placer(
             let st = inner.lock();
             policy::describe_path(&st.config, &st.live, &status.path)
         };
-        match control.migrate(want.path.clone()).await {
+        // A ready standby connection on the interface makes the move warm.
+        let standby = (want.outbound == want.inbound)
+            .then(|| inner.probes.take_standby(&want.outbound, &want.path))
+            .flatten();
+        let warm = standby.is_some();
+        let result = match standby {
+            Some(s) => control.migrate_via(s).await,
+            None => control.migrate(want.path.clone()).await,
+        };
+        match result {
             Ok(report) => {
                 info!(
                     stream = id,
@@ -644,6 +740,7 @@ async fn placer(
                     took_ms = report.duration.as_millis() as u64,
                     salvage = report.data_salvage,
                     rewrite = report.data_write,
+                    warm,
                     "stream moved: {reason}"
                 );
                 if let Some(tx) = answer {
@@ -728,11 +825,16 @@ async fn serve_control(inner: Arc<Inner>, conn: UnixStream) {
     let mut lines = BufReader::new(r.take(1 << 20)).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         let response = match serde_json::from_str::<Request>(&line) {
-            Ok(Request::Status) => Response {
-                ok: true,
-                streams: status_rows(&inner),
-                ..Default::default()
-            },
+            Ok(Request::Status) => {
+                let streams = status_rows(&inner);
+                let interfaces = interface_rows(&inner, &streams);
+                Response {
+                    ok: true,
+                    streams,
+                    interfaces,
+                    ..Default::default()
+                }
+            }
             Ok(Request::Move { id, interface }) => manual_move(&inner, id, &interface).await,
             Err(e) => Response {
                 ok: false,
@@ -789,6 +891,41 @@ fn status_rows(inner: &Inner) -> Vec<StreamRow> {
         .collect()
 }
 
+fn interface_rows(inner: &Inner, streams: &[StreamRow]) -> Vec<InterfaceRow> {
+    let probes = inner.probes.statuses();
+    let st = inner.lock();
+    st.config
+        .interfaces
+        .iter()
+        .map(|ic| {
+            let link = match st.live.get(&ic.name) {
+                Some(l) if l.usable() => "usable",
+                Some(_) => "not usable",
+                None => "absent",
+            };
+            let p = probes.get(&ic.name).cloned().unwrap_or_default();
+            let count = |f: fn(&StreamRow) -> &str| {
+                streams.iter().filter(|r| f(r) == ic.name).count() as u64
+            };
+            InterfaceRow {
+                name: ic.name.clone(),
+                link: link.into(),
+                probe: match p.alive {
+                    Some(true) => "alive",
+                    Some(false) => "failed",
+                    None => "-",
+                }
+                .into(),
+                rtt_us: p.rtt.map(|d| d.as_micros() as u64),
+                standby_ready: p.standby_ready,
+                error: p.error,
+                streams_out: count(|r| r.outbound.as_str()),
+                streams_in: count(|r| r.inbound.as_str()),
+            }
+        })
+        .collect()
+}
+
 async fn manual_move(inner: &Arc<Inner>, id: Option<u64>, interface: &str) -> Response {
     let refuse = |m: String| Response {
         ok: false,
@@ -797,6 +934,7 @@ async fn manual_move(inner: &Arc<Inner>, id: Option<u64>, interface: &str) -> Re
     };
     let auto = interface == "auto";
     let targets: Vec<(u64, mpsc::Sender<PlaceRequest>)> = {
+        let failed = inner.probes.failed();
         let mut st = inner.lock();
         if !auto {
             match st.config.interfaces.iter().find(|i| i.name == interface) {
@@ -808,7 +946,9 @@ async fn manual_move(inner: &Arc<Inner>, id: Option<u64>, interface: &str) -> Re
                 }
                 Some(_) => {}
             }
-            if policy::pinned_placement(&st.config, interface, &st.live).is_none() {
+            if policy::pinned_placement(&st.config, interface, &st.live).is_none()
+                || failed.contains(interface)
+            {
                 return refuse(format!("interface {interface:?} is not usable now"));
             }
         }

@@ -43,6 +43,19 @@ pub struct AgentConfig {
     pub identify_programs: bool,
     /// Username/password for the proxy (RFC 1929), if it requires them.
     pub proxy_auth: Option<ProxyAuth>,
+    /// How often each interface's path to the proxy is probed (a ping on a standby
+    /// connection, PROTOCOL.md 3.13).
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// An interface whose probe is not answered within this time (or whose standby
+    /// connection cannot be opened within it) is taken as failed even though its link is
+    /// up, and its streams move away; it is usable again once a probe is answered.
+    #[serde(with = "humantime_serde")]
+    pub probe_timeout: Duration,
+    /// Probe every interface and keep its standby connection open, so that a move onto it
+    /// costs one RECONNECT round trip instead of a TCP handshake plus one. Off: no probes,
+    /// cold moves, failures found only by link events and TCP.
+    pub standby: bool,
     /// The mobile node's interfaces, in default order of preference.
     #[serde(rename = "interface")]
     pub interfaces: Vec<InterfaceConfig>,
@@ -61,6 +74,9 @@ impl Default for AgentConfig {
             connect_timeout: Duration::from_secs(10),
             identify_programs: true,
             proxy_auth: None,
+            probe_interval: Duration::from_millis(250),
+            probe_timeout: Duration::from_secs(1),
+            standby: true,
             interfaces: Vec::new(),
             rules: Vec::new(),
         }
@@ -261,6 +277,9 @@ impl AgentConfig {
         }
         if self.wait_timeout.is_zero() || self.connect_timeout.is_zero() {
             return invalid("wait_timeout and connect_timeout must be greater than 0".into());
+        }
+        if self.probe_interval.is_zero() || self.probe_timeout.is_zero() {
+            return invalid("probe_interval and probe_timeout must be greater than 0".into());
         }
         for (i, iface) in self.interfaces.iter().enumerate() {
             // IFNAMSIZ is 16 with the NUL; `ip` and the kernel refuse longer names.

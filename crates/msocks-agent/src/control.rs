@@ -63,6 +63,28 @@ pub struct StreamRow {
     pub age_secs: u64,
 }
 
+/// One interface as `msocks status --interfaces` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceRow {
+    /// The kernel's interface name.
+    pub name: String,
+    /// `usable` (up, with an address), `not usable` or `absent`.
+    pub link: String,
+    /// `alive`, `failed` or `-` (not probed: unusable link, no proxy address, probing off).
+    pub probe: String,
+    /// Round-trip time of the last answered probe, in microseconds.
+    pub rtt_us: Option<u64>,
+    /// A standby connection is ready, so the next move onto this interface is warm.
+    pub standby_ready: bool,
+    /// Why the probe failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Streams whose data leaves by this interface.
+    pub streams_out: u64,
+    /// Streams whose data arrives on this interface.
+    pub streams_in: u64,
+}
+
 /// The answer to a [`Request`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Response {
@@ -74,6 +96,9 @@ pub struct Response {
     /// For `status`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub streams: Vec<StreamRow>,
+    /// For `status`: the configured interfaces.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<InterfaceRow>,
     /// For `move`: the streams now on the interface.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub moved: Vec<u64>,
@@ -86,7 +111,7 @@ pub mod client {
     use std::path::Path;
     use std::time::Duration;
 
-    use super::{Request, Response, StreamRow};
+    use super::{InterfaceRow, Request, Response, StreamRow};
     use crate::error::ControlError;
 
     /// Sends one request and reads its answer. A refusal is [`ControlError::Refused`].
@@ -119,6 +144,35 @@ pub mod client {
     /// The agent's streams.
     pub fn status(path: &Path) -> Result<Vec<StreamRow>, ControlError> {
         Ok(request(path, &Request::Status)?.streams)
+    }
+
+    /// The agent's interfaces: link state, probe verdict and round trip, standby readiness.
+    pub fn interfaces(path: &Path) -> Result<Vec<InterfaceRow>, ControlError> {
+        Ok(request(path, &Request::Status)?.interfaces)
+    }
+
+    /// A human-readable table of interfaces.
+    pub fn format_interfaces(rows: &[InterfaceRow]) -> String {
+        let header = ["INTERFACE", "LINK", "PROBE", "RTT", "STANDBY", "OUT", "IN"];
+        let mut table: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+        for r in rows {
+            let probe = match &r.error {
+                Some(e) => format!("{} ({e})", r.probe),
+                None => r.probe.clone(),
+            };
+            table.push(vec![
+                r.name.clone(),
+                r.link.clone(),
+                probe,
+                r.rtt_us
+                    .map(|us| format!("{:.2} ms", us as f64 / 1000.0))
+                    .unwrap_or_else(|| "-".into()),
+                if r.standby_ready { "ready" } else { "-" }.into(),
+                r.streams_out.to_string(),
+                r.streams_in.to_string(),
+            ]);
+        }
+        render(&table)
     }
 
     /// Moves stream `id` (or all streams when `None`) to `interface` (or back to the
@@ -176,17 +230,28 @@ pub mod client {
                 r.rule.clone(),
             ]);
         }
-        let widths: Vec<usize> = (0..header.len())
+        let mut out = render(&table);
+        if rows.is_empty() {
+            out.push_str("(no streams)\n");
+        }
+        out
+    }
+
+    /// Left-aligned columns, two spaces apart; the first row is the header.
+    fn render(table: &[Vec<String>]) -> String {
+        let columns = table.first().map_or(0, Vec::len);
+        let widths: Vec<usize> = (0..columns)
             .map(|c| {
                 table
                     .iter()
-                    .map(|row| row[c].chars().count())
+                    .filter_map(|row| row.get(c))
+                    .map(|cell| cell.chars().count())
                     .max()
                     .unwrap_or(0)
             })
             .collect();
         let mut out = String::new();
-        for row in &table {
+        for row in table {
             let cells: Vec<String> = row
                 .iter()
                 .zip(&widths)
@@ -194,9 +259,6 @@ pub mod client {
                 .collect();
             out.push_str(cells.join("  ").trim_end());
             out.push('\n');
-        }
-        if rows.is_empty() {
-            out.push_str("(no streams)\n");
         }
         out
     }

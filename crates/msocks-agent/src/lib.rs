@@ -11,6 +11,9 @@
 //! * Link following ([`links`]): when an interface stops being usable its streams move at
 //!   once to their next allowed path, and back when a preferred one returns; optional host
 //!   routes ([`routes`]) make the outbound choice stick.
+//! * Liveness probes and warm standby connections ([`probe`]): a path that stops answering
+//!   for `probe_timeout` (default 1 s) is left although its link is up, and a move onto an
+//!   interface with a ready standby connection costs one RECONNECT round trip.
 //! * SIGHUP reloads the policy and re-places every stream; a control socket ([`control`])
 //!   serves `msocks status` and `msocks move`.
 #![deny(unsafe_code)]
@@ -23,6 +26,7 @@ pub mod error;
 pub mod links;
 pub mod peer;
 pub mod policy;
+pub mod probe;
 pub mod routes;
 pub mod socks;
 

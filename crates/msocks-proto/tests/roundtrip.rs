@@ -23,9 +23,9 @@ use std::fmt::Debug;
 use common::*;
 use msocks_proto::mobility::{MAX_REQUEST_TRAILER, RECONNECT_BODY_LEN};
 use msocks_proto::{
-    Command, ConnectionId, Decoded, Greeting, MethodSelection, MobilityOptions, OpenRequest, Reply,
-    ReplyContext, ReplyExtension, Request, ResumeCounters, TargetAddr, UdpHeader, UserPassReply,
-    UserPassRequest, MAX_HANDSHAKE_MESSAGE,
+    Command, ConnectionId, Decoded, Greeting, MethodSelection, MobilityOptions, OpenRequest,
+    ProxyFrame, Reply, ReplyContext, ReplyExtension, Request, ResumeCounters, StandbyFrame,
+    TargetAddr, UdpHeader, UserPassReply, UserPassRequest, MAX_HANDSHAKE_MESSAGE,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -258,5 +258,22 @@ proptest! {
         let body = encoded(|o| rc.encode_body(o));
         prop_assert_eq!(body.len(), RECONNECT_BODY_LEN);
         prop_assert_eq!(&bytes[3..], &body[..]);
+    }
+
+    /// Standby frames: probes and the request that ends the standby.
+    #[test]
+    fn standby_frame_roundtrip(f in standby_frame(), extra in extra_bytes()) {
+        check_roundtrip(&f, StandbyFrame::encode, StandbyFrame::decode, &extra)?;
+    }
+
+    /// What the proxy sends on a standby connection: pongs, then the reply.
+    #[test]
+    fn proxy_frame_roundtrip(f in proxy_frame(ReplyContext::Reconnect), extra in extra_bytes()) {
+        check_roundtrip(
+            &f,
+            ProxyFrame::encode,
+            |b| ProxyFrame::decode(b, ReplyContext::Reconnect),
+            &extra,
+        )?;
     }
 }

@@ -264,6 +264,21 @@ impl Testbed {
         self.px.link_set(link.px_if(), false)
     }
 
+    /// A silent failure of `link` (`on`), or its end (`!on`): the link stays up with its
+    /// addresses and routes, so no link event tells anyone, but the proxy host drops every
+    /// packet arriving or leaving on it (iptables in `px`), as a stalled radio bearer would.
+    /// Only a probe or a TCP timeout can find it.
+    pub fn link_blackhole(&self, link: Link, on: bool) -> Result<()> {
+        let action = if on { "-I" } else { "-D" };
+        let px_if = link.px_if();
+        self.px
+            .exec(&["iptables", "-w", action, "INPUT", "-i", px_if, "-j", "DROP"])?;
+        self.px.exec(&[
+            "iptables", "-w", action, "OUTPUT", "-o", px_if, "-j", "DROP",
+        ])?;
+        Ok(())
+    }
+
     /// Brings `link` back up at both ends and restores the addresses and
     /// routes the testbed manages on it, which the kernel does not do by
     /// itself (`ip link set up` restores neither routes through the link nor

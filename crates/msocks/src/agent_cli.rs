@@ -56,6 +56,10 @@ pub struct StatusArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Show the interfaces instead of the streams: link state, liveness probe and its
+    /// round trip, whether a standby connection is ready (warm moves), streams out / in.
+    #[arg(long)]
+    pub interfaces: bool,
     /// The agent's control socket.
     #[arg(long, value_name = "PATH", default_value = msocks_agent::config::DEFAULT_CONTROL)]
     pub control: PathBuf,
@@ -116,6 +120,15 @@ pub fn run_agent(args: AgentArgs) -> Result<()> {
 
 /// Prints the agent's streams.
 pub fn run_status(args: &StatusArgs) -> Result<()> {
+    if args.interfaces {
+        let rows = client::interfaces(&args.control)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+        } else {
+            print!("{}", client::format_interfaces(&rows));
+        }
+        return Ok(());
+    }
     let rows = client::status(&args.control)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);

@@ -19,7 +19,7 @@ use std::sync::{mpsc, Arc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use msocks_agent::control::{client, StreamRow};
+use msocks_agent::control::{client, InterfaceRow, StreamRow};
 use msocks_proto::{
     Greeting, Method, MethodSelection, OpenRequest, Reply, ReplyCode, ReplyContext, Request,
     TargetAddr,
@@ -588,4 +588,205 @@ fn agent_follows_links_and_moves_by_hand() {
         "download through link changes must be byte-exact"
     );
     eprintln!("moves: {}", last.moves);
+}
+
+/// Waits until `progress` has counted `n` bytes.
+fn wait_progress(progress: &AtomicU64, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while progress.load(Ordering::Relaxed) < n {
+        assert!(
+            Instant::now() < deadline,
+            "download stalled at {}",
+            progress.load(Ordering::Relaxed)
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn interface(s: &Setup, name: &str) -> InterfaceRow {
+    client::interfaces(&s.control())
+        .expect("msocks status --interfaces")
+        .into_iter()
+        .find(|r| r.name == name)
+        .expect("interface in status")
+}
+
+fn wait_interface(s: &Setup, name: &str, what: &str, f: impl Fn(&InterfaceRow) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let row = interface(s, name);
+        if f(&row) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name}: {what}; last: {row:?}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A silent failure: the wired link stays up but drops every packet. No link event says
+/// so; the agent's liveness probe finds it within its timeout (1 s by default) and the
+/// stream moves to radio over the standby connection waiting there (a warm move). When
+/// the link carries packets again, the probe says so and the stream moves back. The
+/// download is byte-exact.
+#[test]
+fn agent_leaves_a_silent_link_found_by_its_probe_and_returns() {
+    if !msocks_testbed::require_root("agent_leaves_a_silent_link_found_by_its_probe_and_returns") {
+        return;
+    }
+    let s = setup("silent");
+    let tb = &s.tb;
+    const PORT: u16 = 5006;
+    let (part1, part2, part3) = (MIB, 8 * MIB, MIB);
+    let (go, gates) = mpsc::channel();
+    let sv = server(
+        tb,
+        PORT,
+        vec![(part1, 0), (part2, 2 * MIB), (part3, 0)],
+        Some(gates),
+    );
+    let conn = socks_connect(tb, PORT);
+    let progress = Arc::new(AtomicU64::new(0));
+    let cl = client(conn, 0, progress.clone());
+    wait_progress(&progress, part1);
+    s.wait_stream(PORT, "on wired0", |r| r.outbound == "wired0");
+    for name in ["wired0", "radio0"] {
+        wait_interface(&s, name, "probed, standby ready", |r| {
+            r.probe == "alive" && r.standby_ready && r.rtt_us.is_some()
+        });
+    }
+    let table = run_cli(tb, &s.control(), &["status", "--interfaces"]);
+    assert!(
+        table.contains("INTERFACE") && table.contains("alive"),
+        "{table}"
+    );
+
+    go.send(()).unwrap();
+    wait_progress(&progress, part1 + MIB / 2);
+    let cut = Instant::now();
+    tb.link_blackhole(Link::Wired, true).unwrap();
+    s.wait_stream(PORT, "moved to radio0", |r| {
+        r.outbound == "radio0" && r.inbound == "radio0" && r.moves >= 1
+    });
+    let took = cut.elapsed();
+    eprintln!("silent failure: stream on radio0 {took:?} after the wired link went silent");
+    // TCP alone would keep retransmitting for minutes; the probe bounds it.
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    wait_interface(&s, "wired0", "failed", |r| r.probe == "failed");
+
+    tb.link_blackhole(Link::Wired, false).unwrap();
+    s.wait_stream(PORT, "back on wired0", |r| {
+        r.outbound == "wired0" && r.moves >= 2
+    });
+    wait_interface(&s, "wired0", "alive again", |r| r.probe == "alive");
+
+    go.send(()).unwrap();
+    let (got, sha) = cl.join().unwrap();
+    let (_, _, sent, want) = sv.join().unwrap();
+    assert_eq!((got, sha), (sent, want), "download across a silent failure");
+    let log = std::fs::read_to_string(s.dir.join("agent.log")).unwrap();
+    assert!(
+        log.contains("failed its liveness probe") && log.contains("warm=true"),
+        "the agent's log should show the probe verdict and a warm move:\n{log}"
+    );
+}
+
+/// SIGHUP mid-transfer with a changed rule re-places the stream (wired → radio) without
+/// dropping it. Then the only allowed link is pulled: the stream is held open (the rule
+/// says `wait`), a new stream's SOCKS reply is held too, and both resume when the link
+/// returns. Every byte arrives exactly once.
+#[test]
+fn agent_reloads_policy_mid_transfer_and_holds_streams_without_a_link() {
+    if !msocks_testbed::require_root(
+        "agent_reloads_policy_mid_transfer_and_holds_streams_without_a_link",
+    ) {
+        return;
+    }
+    let s = setup("reload");
+    let tb = &s.tb;
+    const PORT: u16 = 5001; // the "wired only" rule
+    let (part1, part2, part3) = (MIB, 4 * MIB, MIB);
+    let (go, gates) = mpsc::channel();
+    let sv = server(
+        tb,
+        PORT,
+        vec![(part1, 0), (part2, 2 * MIB), (part3, 2 * MIB)],
+        Some(gates),
+    );
+    let conn = socks_connect(tb, PORT);
+    let progress = Arc::new(AtomicU64::new(0));
+    let cl = client(conn, 0, progress.clone());
+    wait_progress(&progress, part1);
+    s.wait_stream(PORT, "on wired0", |r| r.outbound == "wired0");
+
+    // Reload mid-transfer: the rule now names radio0 only.
+    go.send(()).unwrap();
+    wait_progress(&progress, part1 + MIB);
+    let path = s.dir.join("agent.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let new = text.replacen(
+        "port = [5001]\noutbound = [\"wired0\"]\ninbound = [\"wired0\"]",
+        "port = [5001, 5011]\noutbound = [\"radio0\"]\ninbound = [\"radio0\"]",
+        1,
+    );
+    assert_ne!(new, text, "the test's rule text changed");
+    std::fs::write(&path, new).unwrap();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &s._agent.child.id().to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(hup.success());
+    let moved = s.wait_stream(PORT, "re-placed on radio0", |r| {
+        r.outbound == "radio0" && r.inbound == "radio0" && r.moves >= 1
+    });
+
+    // No allowed link: the stream is held, and so is a new stream's reply.
+    wait_progress(&progress, part1 + part2);
+    tb.link_down(Link::Radio).unwrap();
+    go.send(()).unwrap(); // part 3 queues while the link is gone
+                          // The reloaded rule covers port 5011 too.
+    const PORT2: u16 = 5011;
+    let sv2 = server(tb, PORT2, vec![(64 * 1024, 0)], None);
+    let (held_tx, held_rx) = mpsc::channel();
+    let tb_ref: &Testbed = tb;
+    thread::scope(|scope| {
+        let second = scope.spawn(|| {
+            let c = socks_connect(tb_ref, PORT2);
+            held_tx.send(Instant::now()).unwrap();
+            client(c, 0, Arc::default()).join().unwrap()
+        });
+        thread::sleep(Duration::from_millis(1500));
+        assert!(
+            held_rx.try_recv().is_err(),
+            "a new stream was answered while no allowed link existed"
+        );
+        let row = s.stream(PORT).expect("the first stream is still there");
+        assert!(row.state != "failed" && row.state != "closed", "{row:?}");
+        let before = progress.load(Ordering::Relaxed);
+        thread::sleep(Duration::from_millis(500));
+        assert_eq!(
+            progress.load(Ordering::Relaxed),
+            before,
+            "bytes arrived with no link"
+        );
+        let up = Instant::now();
+        tb.link_up(Link::Radio).unwrap();
+        let answered = held_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the held stream's reply after the link came back");
+        eprintln!(
+            "held stream answered {:?} after the link came back",
+            answered.saturating_duration_since(up)
+        );
+        let (got, sha) = second.join().unwrap();
+        let (_, _, sent, want) = sv2.join().unwrap();
+        assert_eq!((got, sha), (sent, want), "the held stream's download");
+    });
+    let (got, sha) = cl.join().unwrap();
+    let (_, _, sent, want) = sv.join().unwrap();
+    assert_eq!(
+        (got, sha),
+        (sent, want),
+        "download across a reload and a time with no link"
+    );
+    eprintln!("moves after the reload: {}", moved.moves);
 }
