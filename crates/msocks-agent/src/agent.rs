@@ -30,7 +30,8 @@ use crate::error::AgentError;
 use crate::links::{self, LinkEvent};
 use crate::policy::{self, LiveLinks, Placement, StreamInfo};
 use crate::probe::{self, Probes};
-use crate::{peer, routes, socks};
+use crate::socks::LocalRequest;
+use crate::{peer, routes, socks, udp};
 
 /// Time a local client has for its SOCKS5 greeting and request.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,11 +47,15 @@ type PlaceRequest = oneshot::Sender<Result<(), String>>;
 
 struct StreamEntry {
     info: StreamInfo,
+    /// `connect`, `bind` or `udp`.
+    kind: &'static str,
     rule: String,
     opened: Instant,
     up: Arc<AtomicU64>,
     down: Arc<AtomicU64>,
     control: Option<msocks_client::MobileControl>,
+    /// For a UDP association: its path and moves.
+    udp: Option<Arc<udp::UdpView>>,
     pinned: Option<String>,
     place_tx: Option<mpsc::Sender<PlaceRequest>>,
 }
@@ -434,18 +439,23 @@ fn wanted(
 }
 
 async fn handle_client(inner: Arc<Inner>, mut tcp: TcpStream, peer_addr: SocketAddr) {
-    let (target, early) =
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, socks::read_connect(&mut tcp)).await {
-            Ok(Ok(x)) => x,
-            Ok(Err(e)) => {
-                info!(client = %peer_addr, "local client refused: {e}");
-                return;
-            }
-            Err(_) => {
-                info!(client = %peer_addr, "local client refused: handshake timed out");
-                return;
-            }
-        };
+    let request = match tokio::time::timeout(HANDSHAKE_TIMEOUT, socks::read_request(&mut tcp)).await
+    {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            info!(client = %peer_addr, "local client refused: {e}");
+            return;
+        }
+        Err(_) => {
+            info!(client = %peer_addr, "local client refused: handshake timed out");
+            return;
+        }
+    };
+    let (target, kind) = match &request {
+        LocalRequest::Connect { target, .. } => (target.clone(), "connect"),
+        LocalRequest::Bind { target } => (target.clone(), "bind"),
+        LocalRequest::UdpAssociate { client } => (client.clone(), "udp"),
+    };
     let find_process = inner.lock().config.identify_programs;
     let local_addr = tcp.local_addr().unwrap_or(peer_addr);
     // /proc scans block; the probe socket is a dup so the connection stays here.
@@ -463,6 +473,8 @@ async fn handle_client(inner: Arc<Inner>, mut tcp: TcpStream, peer_addr: SocketA
     };
     let up = Arc::new(AtomicU64::new(0));
     let down = Arc::new(AtomicU64::new(0));
+    let udp_view = matches!(request, LocalRequest::UdpAssociate { .. })
+        .then(|| Arc::new(udp::UdpView::default()));
     let (id, mut gen_rx) = {
         let mut st = inner.lock();
         let id = st.next_id;
@@ -472,11 +484,13 @@ async fn handle_client(inner: Arc<Inner>, mut tcp: TcpStream, peer_addr: SocketA
             id,
             StreamEntry {
                 info: info.clone(),
+                kind,
                 rule,
                 opened: Instant::now(),
                 up: up.clone(),
                 down: down.clone(),
                 control: None,
+                udp: udp_view.clone(),
                 pinned: None,
                 place_tx: None,
             },
@@ -484,18 +498,190 @@ async fn handle_client(inner: Arc<Inner>, mut tcp: TcpStream, peer_addr: SocketA
         (id, inner.generation.subscribe())
     };
     let program = info.peer.program.clone().unwrap_or_else(|| "?".into());
-    let result = run_stream(&inner, id, &mut tcp, early, &info, &up, &down, &mut gen_rx).await;
+    let result = match (request, udp_view) {
+        (LocalRequest::Connect { early, .. }, _) => {
+            run_stream(
+                &inner,
+                id,
+                &mut tcp,
+                Open::Connect(early),
+                &info,
+                &up,
+                &down,
+                &mut gen_rx,
+            )
+            .await
+        }
+        (LocalRequest::Bind { .. }, _) => {
+            run_stream(
+                &inner,
+                id,
+                &mut tcp,
+                Open::Bind,
+                &info,
+                &up,
+                &down,
+                &mut gen_rx,
+            )
+            .await
+        }
+        (LocalRequest::UdpAssociate { .. }, Some(view)) => {
+            let local = udp::Local {
+                socket: match tokio::net::UdpSocket::bind(SocketAddr::new(local_addr.ip(), 0)).await
+                {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = socks::send_reply(
+                            &mut tcp,
+                            ReplyCode::GeneralFailure,
+                            TargetAddr::UNSPECIFIED,
+                        )
+                        .await;
+                        inner.lock().streams.remove(&id);
+                        info!(
+                            stream = id,
+                            "UDP association refused: no local relay socket: {e}"
+                        );
+                        return;
+                    }
+                },
+                peer_ip: peer_addr.ip(),
+                app: None,
+                up: up.clone(),
+                down: down.clone(),
+            };
+            run_association(&inner, id, &mut tcp, local, &info, &view, &mut gen_rx)
+                .await
+                .map(|()| view.moves())
+        }
+        (LocalRequest::UdpAssociate { .. }, None) => {
+            Err("internal: association without view".into())
+        }
+    };
     inner.lock().streams.remove(&id);
     let (up, down) = (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed));
     match result {
         Ok(moves) => {
-            info!(stream = id, %program, destination = %target, up, down, moves, "stream closed: both directions finished")
+            info!(stream = id, %program, kind, destination = %target, up, down, moves, "stream closed: both directions finished")
         }
         Err(reason) => {
             // A reset tells the local program the stream broke, where a FIN would look
             // like the end of the data.
             let _ = tcp.set_zero_linger();
-            info!(stream = id, %program, destination = %target, up, down, "stream closed: {reason}");
+            info!(stream = id, %program, kind, destination = %target, up, down, "stream closed: {reason}");
+        }
+    }
+}
+
+/// Runs a UDP association: its upstream association follows the policy's path, and is
+/// opened anew on the new path whenever that changes or the old one breaks.
+async fn run_association(
+    inner: &Arc<Inner>,
+    id: u64,
+    tcp: &mut TcpStream,
+    mut local: udp::Local,
+    info: &StreamInfo,
+    view: &udp::UdpView,
+    gen_rx: &mut watch::Receiver<(u64, Arc<str>)>,
+) -> Result<(), String> {
+    let wait_deadline = Instant::now() + inner.lock().config.wait_timeout;
+    let mut upstream: Option<udp::Upstream> = None;
+    let mut replied = false;
+    loop {
+        // The path the policy wants now; without one, wait (or fail) as for streams.
+        let (list, _when, config) = if replied {
+            let failed = inner.probes.failed();
+            let st = inner.lock();
+            let (list, _, when) = wanted(&st, &failed, info, None);
+            (list, when, st.config.clone())
+        } else {
+            await_placement(inner, id, tcp, info, gen_rx, wait_deadline).await?
+        };
+        let current = upstream.as_ref().map(|u| u.path().clone());
+        if list.first().map(|p| &p.path) != current.as_ref() {
+            let mut opened = None;
+            let mut last = String::from("no usable interface allowed");
+            for p in &list {
+                match udp::Upstream::open(
+                    &p.path,
+                    config.proxy_auth.as_ref(),
+                    config.connect_timeout,
+                )
+                .await
+                {
+                    Ok(u) => {
+                        opened = Some((u, p.outbound.clone(), p.inbound.clone()));
+                        break;
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            match opened {
+                Some((u, out_if, in_if)) => {
+                    udp::note_path(view, u.path(), upstream.is_none() && !replied);
+                    info!(stream = id, out = %out_if, r#in = %in_if, relay = %u.relay_addr(), "UDP association {}", if replied { "moved" } else { "opened" });
+                    upstream = Some(u);
+                }
+                None if !replied => {
+                    let _ = socks::send_reply(
+                        tcp,
+                        ReplyCode::NetworkUnreachable,
+                        TargetAddr::UNSPECIFIED,
+                    )
+                    .await;
+                    return Err(format!("cannot associate with the proxy: {last}"));
+                }
+                None => {
+                    if upstream.is_none() {
+                        udp::note_no_path(view);
+                    }
+                    warn!(stream = id, "UDP association cannot move: {last}; retrying");
+                }
+            }
+        }
+        if !replied {
+            let bound = match local.socket.local_addr() {
+                Ok(a) => TargetAddr::Ip(a),
+                Err(e) => return Err(format!("local relay socket: {e}")),
+            };
+            socks::send_reply(tcp, ReplyCode::Succeeded, bound)
+                .await
+                .map_err(|e| format!("local client went away: {e}"))?;
+            replied = true;
+        }
+        let have_upstream = upstream.is_some();
+        let changed = async {
+            if have_upstream {
+                // Re-check now and then even without an event, so a failed switch is retried.
+                let _ = tokio::time::timeout(Duration::from_secs(5), gen_rx.changed()).await;
+            } else {
+                tokio::time::sleep(RETRY_MOVE).await;
+            }
+        };
+        match &mut upstream {
+            Some(u) => match udp::relay(&mut local, tcp, u, changed).await {
+                udp::RelayEvent::ProgramDone => return Ok(()),
+                udp::RelayEvent::UpstreamBroken(why) => {
+                    warn!(
+                        stream = id,
+                        "UDP association with the proxy broke: {why}; opening a new one"
+                    );
+                    upstream = None;
+                    udp::note_no_path(view);
+                }
+                udp::RelayEvent::Replace => {}
+            },
+            None => {
+                tokio::select! {
+                    () = changed => {}
+                    r = tcp.readable() => {
+                        let mut b = [0u8; 64];
+                        if r.is_err() || matches!(tcp.try_read(&mut b), Ok(0) | Err(_)) {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -507,6 +693,71 @@ fn tcp_dup(tcp: &TcpStream) -> Option<std::net::TcpStream> {
     Some(std::net::TcpStream::from(fd))
 }
 
+/// A stream just opened through the proxy, or a BIND waiting for its peer.
+enum Opened {
+    Stream(MobileStream),
+    Listening(msocks_client::MobileBind),
+}
+
+/// What a local program's stream asks the proxy for.
+enum Open {
+    /// CONNECT, with the bytes the program sent after its request.
+    Connect(Vec<u8>),
+    /// BIND: two replies, then the accepted connection is the stream.
+    Bind,
+}
+
+/// Waits until the policy allows at least one usable path for `info` (holding the
+/// program's reply meanwhile under `wait`), and returns them with the rule's wait/fail and
+/// the configuration. On `Err` the program got its failure reply.
+async fn await_placement(
+    inner: &Arc<Inner>,
+    id: u64,
+    tcp: &mut TcpStream,
+    info: &StreamInfo,
+    gen_rx: &mut watch::Receiver<(u64, Arc<str>)>,
+    wait_deadline: Instant,
+) -> Result<(Vec<Placement>, WhenUnavailable, Arc<AgentConfig>), String> {
+    let mut announced = false;
+    loop {
+        let (list, rule, when, config) = {
+            let failed = inner.probes.failed();
+            let st = inner.lock();
+            let (list, rule, when) = wanted(&st, &failed, info, None);
+            (list, rule, when, st.config.clone())
+        };
+        if !list.is_empty() {
+            return Ok((list, when, config));
+        }
+        if when == WhenUnavailable::Fail {
+            let _ = socks::send_reply(tcp, ReplyCode::NetworkUnreachable, TargetAddr::UNSPECIFIED)
+                .await;
+            return Err(format!(
+                "no usable interface allowed by {rule} (when_unavailable = fail)"
+            ));
+        }
+        if !announced {
+            info!(stream = id, destination = %info.target, "stream waiting: no usable interface allowed by {rule}");
+            announced = true;
+        }
+        // The SOCKS reply is held: the program's connect simply takes longer, and anything
+        // it sends meanwhile waits in its socket buffer.
+        if !wait_for_change(gen_rx, wait_deadline, None).await {
+            let _ = socks::send_reply(tcp, ReplyCode::NetworkUnreachable, TargetAddr::UNSPECIFIED)
+                .await;
+            return Err("no usable interface within wait_timeout".into());
+        }
+    }
+}
+
+/// Whether a failure to open a stream is the path's (so waiting for another may help).
+fn path_failure(e: &msocks_client::Error) -> bool {
+    matches!(
+        e,
+        msocks_client::Error::Connect { .. } | msocks_client::Error::Timeout(_)
+    )
+}
+
 /// Opens the stream (waiting for a path if the policy says so), relays it and keeps it
 /// placed. Returns the number of moves, or why it ended badly.
 #[allow(clippy::too_many_arguments)]
@@ -514,44 +765,16 @@ async fn run_stream(
     inner: &Arc<Inner>,
     id: u64,
     tcp: &mut TcpStream,
-    early: Vec<u8>,
+    open: Open,
     info: &StreamInfo,
     up: &Arc<AtomicU64>,
     down: &Arc<AtomicU64>,
     gen_rx: &mut watch::Receiver<(u64, Arc<str>)>,
 ) -> Result<u64, String> {
     let wait_deadline = Instant::now() + inner.lock().config.wait_timeout;
-    let mut announced = false;
-    let mut mobile = loop {
-        let (list, rule, when, config) = {
-            let failed = inner.probes.failed();
-            let st = inner.lock();
-            let (list, rule, when) = wanted(&st, &failed, info, None);
-            (list, rule, when, st.config.clone())
-        };
-        if list.is_empty() {
-            if when == WhenUnavailable::Fail {
-                let _ =
-                    socks::send_reply(tcp, ReplyCode::NetworkUnreachable, TargetAddr::UNSPECIFIED)
-                        .await;
-                return Err(format!(
-                    "no usable interface allowed by {rule} (when_unavailable = fail)"
-                ));
-            }
-            if !announced {
-                info!(stream = id, destination = %info.target, "stream waiting: no usable interface allowed by {rule}");
-                announced = true;
-            }
-            // The SOCKS reply is held: the program's connect simply takes longer, and
-            // anything it sends meanwhile waits in its socket buffer.
-            if !wait_for_change(gen_rx, wait_deadline, None).await {
-                let _ =
-                    socks::send_reply(tcp, ReplyCode::NetworkUnreachable, TargetAddr::UNSPECIFIED)
-                        .await;
-                return Err("no usable interface within wait_timeout".into());
-            }
-            continue;
-        }
+    let mobile = loop {
+        let (list, when, config) =
+            await_placement(inner, id, tcp, info, gen_rx, wait_deadline).await?;
         let mut mc = MobileConfig::with_paths(list.iter().map(|p| p.path.clone()).collect());
         mc.connect_timeout = config.connect_timeout;
         // "wait" is the library's reconnect deadline for a stream whose links all went away.
@@ -560,15 +783,24 @@ async fn run_stream(
             .proxy_auth
             .as_ref()
             .map(|a| Credentials::new(a.username.clone(), a.password.clone()));
-        match MobileStream::connect(info.target.clone(), mc).await {
-            Ok(s) => break s,
+        let opened = match &open {
+            Open::Connect(_) => MobileStream::connect(info.target.clone(), mc)
+                .await
+                .map(Opened::Stream),
+            Open::Bind => MobileStream::bind(info.target.clone(), mc)
+                .await
+                .map(Opened::Listening),
+        };
+        match opened {
+            Ok(o) => break o,
             // No path reached the proxy: the links may be changing under us (an event not
             // yet seen). Under "wait" that is one more reason to wait, not to fail.
-            Err(e @ (msocks_client::Error::Connect { .. } | msocks_client::Error::Timeout(_)))
-                if when == WhenUnavailable::Wait && Instant::now() < wait_deadline =>
+            Err(e)
+                if path_failure(&e)
+                    && when == WhenUnavailable::Wait
+                    && Instant::now() < wait_deadline =>
             {
                 info!(stream = id, destination = %info.target, "stream waiting: the proxy is not reachable on any allowed path ({e})");
-                announced = true;
                 if !wait_for_change(gen_rx, wait_deadline, Some(RETRY_MOVE)).await {
                     let _ = socks::send_reply(tcp, reply_code(&e), TargetAddr::UNSPECIFIED).await;
                     return Err(format!("cannot open the stream through the proxy: {e}"));
@@ -580,10 +812,41 @@ async fn run_stream(
             }
         }
     };
-    if let Err(e) = socks::send_reply(tcp, ReplyCode::Succeeded, mobile.bound_addr().clone()).await
-    {
-        return Err(format!("local client went away: {e}"));
-    }
+    let mut mobile = match mobile {
+        Opened::Stream(s) => {
+            if let Err(e) =
+                socks::send_reply(tcp, ReplyCode::Succeeded, s.bound_addr().clone()).await
+            {
+                return Err(format!("local client went away: {e}"));
+            }
+            s
+        }
+        Opened::Listening(bind) => {
+            // First reply: where the proxy listens for the program's peer.
+            if let Err(e) =
+                socks::send_reply(tcp, ReplyCode::Succeeded, bind.listen_addr().clone()).await
+            {
+                return Err(format!("local client went away: {e}"));
+            }
+            info!(stream = id, listen = %bind.listen_addr(), "BIND: the proxy listens");
+            match bind.accept().await {
+                Ok((s, peer)) => {
+                    if let Err(e) = socks::send_reply(tcp, ReplyCode::Succeeded, peer).await {
+                        return Err(format!("local client went away: {e}"));
+                    }
+                    s
+                }
+                Err(e) => {
+                    let _ = socks::send_reply(tcp, reply_code(&e), TargetAddr::UNSPECIFIED).await;
+                    return Err(format!("BIND failed: {e}"));
+                }
+            }
+        }
+    };
+    let early = match open {
+        Open::Connect(early) => early,
+        Open::Bind => Vec::new(),
+    };
     if !early.is_empty() {
         if let Err(e) = mobile.write_all(&early).await {
             return Err(format!("stream failed: {e}"));
@@ -857,8 +1120,15 @@ fn status_rows(inner: &Inner) -> Vec<StreamRow> {
     st.streams
         .iter()
         .map(|(&id, e)| {
-            let (outbound, inbound, moves, state) = match &e.control {
-                Some(c) => {
+            let (outbound, inbound, moves, state) = match (&e.control, &e.udp) {
+                (_, Some(view)) => match view.path() {
+                    Some(path) => {
+                        let (o, i) = policy::describe_path(&st.config, &st.live, &path);
+                        (o, i, view.moves(), "associated")
+                    }
+                    None => ("-".into(), "-".into(), view.moves(), "waiting"),
+                },
+                (Some(c), None) => {
                     let s = c.status();
                     let (o, i) = policy::describe_path(&st.config, &st.live, &s.path);
                     let state = match s.state {
@@ -869,10 +1139,11 @@ fn status_rows(inner: &Inner) -> Vec<StreamRow> {
                     };
                     (o, i, s.moves, state)
                 }
-                None => ("-".into(), "-".into(), 0, "connecting"),
+                (None, None) => ("-".into(), "-".into(), 0, "connecting"),
             };
             StreamRow {
                 id,
+                kind: e.kind.into(),
                 program: e.info.peer.program.clone(),
                 pid: e.info.peer.pid,
                 uid: e.info.peer.uid,

@@ -35,13 +35,17 @@ pub enum Request {
 pub struct StreamRow {
     /// The agent's stream number (what `msocks move` takes).
     pub id: u64,
+    /// `connect`, `bind` or `udp` (a UDP association).
+    #[serde(default)]
+    pub kind: String,
     /// The local program's name, when known.
     pub program: Option<String>,
     /// Its process id, when known.
     pub pid: Option<u32>,
     /// Its user id, when known.
     pub uid: Option<u32>,
-    /// The destination as the program asked for it.
+    /// The destination as the program asked for it (for BIND the peer expected, for UDP
+    /// the address the program said it sends from).
     pub destination: String,
     /// The rule that placed the stream (`default` when none matched).
     pub rule: String,
@@ -55,7 +59,8 @@ pub struct StreamRow {
     pub bytes_down: u64,
     /// Completed moves (migrations and automatic reconnects).
     pub moves: u64,
-    /// `waiting`, `connecting`, `connected`, `moving`, `closed` or `failed`.
+    /// `waiting`, `connecting`, `connected`, `moving`, `closed` or `failed`; `associated`
+    /// for a UDP association with a path.
     pub state: String,
     /// The interface the stream was moved to by hand, if any.
     pub pinned: Option<String>,
@@ -220,7 +225,10 @@ pub mod client {
             table.push(vec![
                 r.id.to_string(),
                 program,
-                r.destination.clone(),
+                match r.kind.as_str() {
+                    "connect" | "" => r.destination.clone(),
+                    other => format!("{other} {}", r.destination),
+                },
                 r.outbound.clone(),
                 r.inbound.clone(),
                 human_bytes(r.bytes_up),

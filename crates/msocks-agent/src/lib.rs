@@ -29,6 +29,7 @@ pub mod policy;
 pub mod probe;
 pub mod routes;
 pub mod socks;
+mod udp;
 
 pub use agent::Agent;
 pub use config::AgentConfig;

@@ -1,5 +1,5 @@
-//! The local SOCKS5 endpoint's handshake (RFC 1928, no authentication, CONNECT only), on
-//! the sans-I/O messages of `msocks-proto`.
+//! The local SOCKS5 endpoint's handshake (RFC 1928, no authentication; CONNECT, BIND and
+//! UDP ASSOCIATE), on the sans-I/O messages of `msocks-proto`.
 
 use msocks_proto::{
     Command, DecodeError, Decoded, Greeting, Method, MethodSelection, Reply, ReplyCode, Request,
@@ -29,7 +29,7 @@ pub enum SocksError {
     /// More bytes than any handshake message, still incomplete.
     #[error("handshake message too long")]
     Oversized,
-    /// BIND, UDP ASSOCIATE or an MSOCKS command (answered 0x07).
+    /// An MSOCKS command (answered 0x07: local programs talk plain SOCKS5 to the agent).
     #[error("unsupported command {0}")]
     Unsupported(&'static str),
 }
@@ -65,12 +65,35 @@ impl Reader {
     }
 }
 
-/// Reads the greeting and the request. Returns the CONNECT target and whatever the client
-/// sent after its request (early data, to be relayed first). Unsupported commands and
-/// methods are answered here; the CONNECT reply is the caller's.
-pub async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
+/// What a local program asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalRequest {
+    /// CONNECT to `target`; `early` holds whatever the program sent after its request, to
+    /// be relayed first.
+    Connect {
+        /// DST of the request.
+        target: TargetAddr,
+        /// Bytes that followed the request.
+        early: Vec<u8>,
+    },
+    /// BIND: accept one connection from `target`.
+    Bind {
+        /// DST of the request: the host expected to connect.
+        target: TargetAddr,
+    },
+    /// UDP ASSOCIATE; `client` is the address the program says it will send from (often
+    /// all zeros: unknown).
+    UdpAssociate {
+        /// DST of the request.
+        client: TargetAddr,
+    },
+}
+
+/// Reads the greeting and the request. Unsupported commands and methods are answered here;
+/// the replies to the supported requests are the caller's.
+pub async fn read_request<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
-) -> Result<(TargetAddr, Vec<u8>), SocksError> {
+) -> Result<LocalRequest, SocksError> {
     let mut reader = Reader { buf: Vec::new() };
     let greeting = reader.next(stream, Greeting::decode).await?;
     let method = if greeting.offers(Method::NO_AUTH) {
@@ -112,13 +135,20 @@ pub async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
         Request::Open(o) if o.mobility.is_some() => "MSOCKS",
         Request::Reconnect(_) => "RECONNECT",
         Request::Standby => "STANDBY",
-        Request::Open(o) => match o.command {
-            Command::Connect => {
-                return Ok((o.target.clone(), std::mem::take(&mut reader.buf)));
-            }
-            Command::Bind => "BIND",
-            Command::UdpAssociate => "UDP ASSOCIATE",
-        },
+        Request::Open(o) => {
+            return Ok(match o.command {
+                Command::Connect => LocalRequest::Connect {
+                    target: o.target.clone(),
+                    early: std::mem::take(&mut reader.buf),
+                },
+                Command::Bind => LocalRequest::Bind {
+                    target: o.target.clone(),
+                },
+                Command::UdpAssociate => LocalRequest::UdpAssociate {
+                    client: o.target.clone(),
+                },
+            })
+        }
     };
     send_reply(
         stream,
@@ -150,24 +180,42 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn connect_with_early_data_and_bind_refused() {
+    async fn connect_with_early_data_bind_and_msocks_refused() {
         let (mut client, mut server) = tokio::io::duplex(1024);
         let mut wire = vec![5, 1, 0, 5, 1, 0, 3, 11];
         wire.extend_from_slice(b"example.org");
         wire.extend_from_slice(&[0, 80]);
         wire.extend_from_slice(b"GET /");
         client.write_all(&wire).await.unwrap();
-        let (target, early) = read_connect(&mut server).await.unwrap();
-        assert_eq!(target, TargetAddr::Domain("example.org".into(), 80));
-        assert_eq!(early, b"GET /");
+        let request = read_request(&mut server).await.unwrap();
+        assert_eq!(
+            request,
+            LocalRequest::Connect {
+                target: TargetAddr::Domain("example.org".into(), 80),
+                early: b"GET /".to_vec()
+            }
+        );
 
         let (mut client, mut server) = tokio::io::duplex(1024);
         client
             .write_all(&[5, 1, 0, 5, 2, 0, 1, 1, 2, 3, 4, 0, 80])
             .await
             .unwrap();
-        let e = read_connect(&mut server).await.unwrap_err();
-        assert!(matches!(e, SocksError::Unsupported("BIND")), "{e:?}");
+        let request = read_request(&mut server).await.unwrap();
+        assert_eq!(
+            request,
+            LocalRequest::Bind {
+                target: TargetAddr::Ip("1.2.3.4:80".parse().unwrap())
+            }
+        );
+
+        // An MSOCKS command from a local program: 0x07.
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        let mut wire = vec![5, 1, 0];
+        Request::Standby.encode(&mut wire);
+        client.write_all(&wire).await.unwrap();
+        let e = read_request(&mut server).await.unwrap_err();
+        assert!(matches!(e, SocksError::Unsupported("STANDBY")), "{e:?}");
         let mut answer = [0u8; 12];
         client.read_exact(&mut answer).await.unwrap();
         assert_eq!(&answer[..4], &[5, 0, 5, 7]);
@@ -178,7 +226,7 @@ mod tests {
         let (mut client, mut server) = tokio::io::duplex(1024);
         client.write_all(&[5, 1, 2]).await.unwrap();
         assert!(matches!(
-            read_connect(&mut server).await,
+            read_request(&mut server).await,
             Err(SocksError::NoMethod)
         ));
         let mut answer = [0u8; 2];

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use msocks_client::{
-    MobileConfig, MobileControl, MobileStream, MoveReport, ProxyPath, StreamState,
+    MobileConfig, MobileControl, MobileStream, MoveReport, ProxyPath, Standby, StreamState,
 };
 use msocks_testbed::{Link, LinkDelay, Netns, Testbed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -66,6 +66,12 @@ pub struct BenchMoveArgs {
     /// Also write one CSV line per move to this file.
     #[arg(long, value_name = "FILE")]
     pub csv: Option<PathBuf>,
+    /// Warm moves: before each move a standby connection is opened on the new path and
+    /// probed once (not timed), and the move sends its RECONNECT over it
+    /// (`MobileControl::migrate_via`), as `msocks agent` does. Without it every move is
+    /// cold: a new TCP connection, then greeting, credentials and RECONNECT.
+    #[arg(long)]
+    pub warm: bool,
 }
 
 use crate::testbed_proxy::PROXY_PORT;
@@ -453,8 +459,24 @@ async fn mover(
                 .spawn(move || sample_status(control, done))
                 .context("starting the status sampler")?
         };
+        let standby = if args.warm {
+            let cfg = MobileConfig::new(path(to));
+            let mut standby = Standby::open(path(to), &cfg)
+                .await
+                .with_context(|| format!("opening a standby connection on {to:?}"))?;
+            standby
+                .ping()
+                .await
+                .with_context(|| format!("probing the standby connection on {to:?}"))?;
+            Some(standby)
+        } else {
+            None
+        };
         let requested = Instant::now();
-        let result = control.migrate(path(to)).await;
+        let result = match standby {
+            Some(s) => control.migrate_via(s).await,
+            None => control.migrate(path(to)).await,
+        };
         done.store(true, Ordering::Relaxed);
         let samples = sampler
             .join()
@@ -565,8 +587,16 @@ fn print_results(
 ) {
     println!();
     println!(
-        "emulated RTT: wired {:?}, radio {:?}; records every {:?}; {} moves each way",
-        args.wired_rtt, args.radio_rtt, args.record_interval, args.moves
+        "{} moves; emulated RTT: wired {:?}, radio {:?}; records every {:?}; {} moves each way",
+        if args.warm {
+            "warm (RECONNECT on a standby connection)"
+        } else {
+            "cold (new TCP connection + RECONNECT)"
+        },
+        args.wired_rtt,
+        args.radio_rtt,
+        args.record_interval,
+        args.moves
     );
     println!("measured RTT (median TCP connect time over the link, before / after the moves):");
     for (i, link) in Link::ALL.iter().enumerate() {
