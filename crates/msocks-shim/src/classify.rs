@@ -200,7 +200,14 @@ mod tests {
                 .map(String::from)
                 .collect()
         );
-        for n in ["localhost", "LOCALHOST.", "a.localhost", "ip6-loopback", "box.lan", "mn"] {
+        for n in [
+            "localhost",
+            "LOCALHOST.",
+            "a.localhost",
+            "ip6-loopback",
+            "box.lan",
+            "mn",
+        ] {
             assert!(is_local_name(n, Some("mn"), &hosts), "{n}");
         }
         for n in ["example.org", "commented.example", "localhost.example"] {

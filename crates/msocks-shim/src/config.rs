@@ -141,7 +141,10 @@ mod tests {
         let c = parse(&[
             ("MSOCKS_AGENT", "[::1]:9050"),
             ("MSOCKS_DNS", "local"),
-            ("MSOCKS_SHIM_EXCLUDE", "10.0.0.0/8, 192.0.2.7,fd00::/8,10.1.2.3/16"),
+            (
+                "MSOCKS_SHIM_EXCLUDE",
+                "10.0.0.0/8, 192.0.2.7,fd00::/8,10.1.2.3/16",
+            ),
             ("MSOCKS_SHIM_LOG", "1"),
             ("MSOCKS_SHIM_TIMEOUT", "2.5"),
         ])

@@ -22,7 +22,9 @@ pub type ConnectFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> 
 
 /// The errno of the last failed libc call on this thread.
 fn last_errno() -> c_int {
-    io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 /// Reads a socket address of family AF_INET or AF_INET6 from C memory; `None` for any other

@@ -45,9 +45,10 @@ fn real() -> &'static Real {
         // freeaddrinfo(3)). A null pointer becomes None (Option<fn> has the same layout).
         unsafe {
             Real {
-                connect: std::mem::transmute::<*mut libc::c_void, Option<ConnectFn>>(
-                    libc::dlsym(libc::RTLD_NEXT, c"connect".as_ptr()),
-                ),
+                connect: std::mem::transmute::<*mut libc::c_void, Option<ConnectFn>>(libc::dlsym(
+                    libc::RTLD_NEXT,
+                    c"connect".as_ptr(),
+                )),
                 getaddrinfo: std::mem::transmute::<*mut libc::c_void, Option<GetaddrinfoFn>>(
                     libc::dlsym(libc::RTLD_NEXT, c"getaddrinfo".as_ptr()),
                 ),
@@ -111,7 +112,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// One line on standard error. Write errors are ignored: the program may have closed fd 2.
 fn say(args: std::fmt::Arguments<'_>) {
-    let _ = writeln!(std::io::stderr(), "msocks-shim[{}]: {args}", std::process::id());
+    let _ = writeln!(
+        std::io::stderr(),
+        "msocks-shim[{}]: {args}",
+        std::process::id()
+    );
 }
 
 fn log(args: std::fmt::Arguments<'_>) {
@@ -151,7 +156,9 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_
     match catch_unwind(AssertUnwindSafe(|| unsafe { connect_impl(fd, addr, len) })) {
         Ok(rc) => rc,
         Err(_) => {
-            say(format_args!("internal error in connect (fd {fd}); failing it"));
+            say(format_args!(
+                "internal error in connect (fd {fd}); failing it"
+            ));
             set_errno(libc::ECONNREFUSED);
             -1
         }
@@ -307,7 +314,10 @@ unsafe fn getaddrinfo_impl(
     } else {
         unsafe { std::ptr::read(hints) }
     };
-    let family_ok = matches!(h.ai_family, libc::AF_UNSPEC | libc::AF_INET | libc::AF_INET6);
+    let family_ok = matches!(
+        h.ai_family,
+        libc::AF_UNSPEC | libc::AF_INET | libc::AF_INET6
+    );
     let stream_ok = matches!(h.ai_socktype, 0 | libc::SOCK_STREAM)
         && matches!(h.ai_protocol, 0 | libc::IPPROTO_TCP);
     if !family_ok || !stream_ok || h.ai_flags & libc::AI_NUMERICHOST != 0 {
@@ -326,7 +336,9 @@ unsafe fn getaddrinfo_impl(
         return rc;
     }
     if classify::is_local_name(name, st.hostname.as_deref(), &st.hosts) {
-        log(format_args!("getaddrinfo {name:?}: local name, resolved by libc"));
+        log(format_args!(
+            "getaddrinfo {name:?}: local name, resolved by libc"
+        ));
         return pass();
     }
     let port = match service_port(real_gai, service, &h) {

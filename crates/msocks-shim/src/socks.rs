@@ -118,7 +118,9 @@ pub fn reply_len(head: &[u8; REPLY_HEAD]) -> Result<usize, HandshakeError> {
         0x01 => Ok(4 + 4 + 2),
         0x04 => Ok(4 + 16 + 2),
         0x03 => Ok(4 + 1 + usize::from(head[4]) + 2),
-        t => Err(HandshakeError::Protocol(format!("reply address type {t:#04x}"))),
+        t => Err(HandshakeError::Protocol(format!(
+            "reply address type {t:#04x}"
+        ))),
     }
 }
 

@@ -136,7 +136,12 @@ fn find_shim() -> Result<PathBuf> {
         .canonicalize()
         .with_context(|| format!("resolving {}", found.display()))?;
     // The dynamic loader splits LD_PRELOAD at spaces and colons.
-    if path.as_os_str().as_bytes().iter().any(|b| *b == b' ' || *b == b':') {
+    if path
+        .as_os_str()
+        .as_bytes()
+        .iter()
+        .any(|b| *b == b' ' || *b == b':')
+    {
         bail!(
             "the library's path {} contains a space or ':', which LD_PRELOAD cannot carry; \
              copy it elsewhere and set MSOCKS_SHIM",
@@ -306,7 +311,10 @@ pub fn run(args: RunArgs) -> Result<()> {
     } else {
         126
     };
-    eprintln!("msocks: error: cannot run {}: {err}", program.to_string_lossy());
+    eprintln!(
+        "msocks: error: cannot run {}: {err}",
+        program.to_string_lossy()
+    );
     std::process::exit(code);
 }
 

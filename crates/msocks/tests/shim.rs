@@ -179,7 +179,11 @@ fn curl_without_proxy_flags_goes_through_the_agent_by_name_and_by_address() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let r = run_with_timeout(&mut msocks_run(stub.addr, &[], &args), TOOL_TIMEOUT);
     assert_success("curl to loopback under msocks run", &r);
-    assert_eq!(sha256_file(&out), sha256_hex(&body), "download from loopback");
+    assert_eq!(
+        sha256_file(&out),
+        sha256_hex(&body),
+        "download from loopback"
+    );
 
     assert_eq!(
         stub.seen(),
@@ -414,7 +418,10 @@ except OSError as e:
     );
     assert_success("python3 with --exclude", &r);
     let stderr = String::from_utf8_lossy(&r.stderr);
-    assert!(stderr.contains("direct (Excluded(192.0.2.0/24))"), "{stderr}");
+    assert!(
+        stderr.contains("direct (Excluded(192.0.2.0/24))"),
+        "{stderr}"
+    );
     assert_eq!(stub.seen(), ["198.18.0.1:80"]);
 }
 

@@ -145,7 +145,10 @@ fn unmodified_curl_under_msocks_run_survives_moves_mid_download() {
 
     // Hard: the wired link is pulled under the stream, then restored.
     wait_bytes(36 * MIB);
-    assert!(have() < SIZE, "the download ended before the link was pulled");
+    assert!(
+        have() < SIZE,
+        "the download ended before the link was pulled"
+    );
     tb.link_down(Link::Wired).expect("wired link down");
     let r3 = s.wait_stream(PORT, "moved to radio0 by the link going down", |r| {
         r.outbound == "radio0" && r.moves > r2.moves
@@ -169,7 +172,11 @@ fn unmodified_curl_under_msocks_run_survives_moves_mid_download() {
     };
     assert!(status.success(), "curl: {status}; log:\n{}", log());
     assert_eq!(have(), SIZE, "bytes on disk");
-    assert_eq!(sha256_file(&out), want, "download through 4 moves must be byte-exact");
+    assert_eq!(
+        sha256_file(&out),
+        want,
+        "download through 4 moves must be byte-exact"
+    );
     assert_eq!(
         server.join().expect("server thread"),
         0,
@@ -180,5 +187,8 @@ fn unmodified_curl_under_msocks_run_survives_moves_mid_download() {
         log.contains(&format!("via agent 127.0.0.1:1080 as {}:{PORT}", tb.sv_ip)),
         "{log}"
     );
-    eprintln!("curl under msocks run: {SIZE} bytes, moves {}, sha256 {want}", r4.moves);
+    eprintln!(
+        "curl under msocks run: {SIZE} bytes, moves {}, sha256 {want}",
+        r4.moves
+    );
 }
