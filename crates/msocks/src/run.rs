@@ -35,7 +35,7 @@ not exec); gethostbyname() and hand-made DNS queries are not intercepted.\n\n\
 If the agent cannot be reached, proxied connects fail with ECONNREFUSED and a message on \
 standard error (fail closed: nothing leaks around the agent).\n\n\
 Limits: only dynamically linked programs (static binaries and Go programs, which make raw \
-system calls, are not affected; msocks run refuses static ELF files); setuid/setgid programs \
+system calls, are not affected; msocks run refuses static ELF files and ones for another architecture); setuid/setgid programs \
 ignore LD_PRELOAD; io_uring connects, UDP (QUIC, DNS) and TCP Fast Open are not redirected; \
 getpeername() shows the agent's address. docs/SHIM.md has the details.\n\n\
 The library is looked for in $MSOCKS_SHIM, then next to the msocks executable, then in \
@@ -221,6 +221,22 @@ pub fn elf_kind(bytes: &[u8]) -> ExecKind {
     ExecKind::Static
 }
 
+/// ELF class (32/64-bit), byte order and machine of an ELF header: a library can only be
+/// preloaded into a program with the same three.
+pub fn elf_abi(bytes: &[u8]) -> Option<(u8, u8, u16)> {
+    if bytes.get(..4) != Some(b"\x7fELF") {
+        return None;
+    }
+    let (class, data) = (*bytes.get(4)?, *bytes.get(5)?);
+    let m = [*bytes.get(18)?, *bytes.get(19)?];
+    let machine = if data == 2 {
+        u16::from_be_bytes(m)
+    } else {
+        u16::from_le_bytes(m)
+    };
+    Some((class, data, machine))
+}
+
 /// The first 64 KiB of a file: enough for the ELF and program headers of any ordinary binary.
 fn head_of(path: &Path) -> Option<Vec<u8>> {
     let mut f = std::fs::File::open(path).ok()?;
@@ -251,6 +267,18 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
         Some(path) => {
             if let Some(head) = head_of(&path) {
+                let lib_abi = head_of(&shim).and_then(|h| elf_abi(&h));
+                if let (Some(prog), Some(lib)) = (elf_abi(&head), lib_abi) {
+                    if prog != lib {
+                        bail!(
+                            "{} is built for another architecture or word size than {} \
+                             (ELF class/data/machine {prog:?} vs {lib:?}): the loader would \
+                             skip the library and the connections would bypass the agent",
+                            path.display(),
+                            shim.display()
+                        );
+                    }
+                }
                 if elf_kind(&head) == ExecKind::Static {
                     bail!(
                         "{} is a statically linked program: it cannot load the LD_PRELOAD \
@@ -351,6 +379,10 @@ mod tests {
         assert_eq!(elf_kind(&elf), ExecKind::Static);
         elf[64] = 3; // PT_INTERP
         assert_eq!(elf_kind(&elf), ExecKind::Dynamic);
+        assert_eq!(elf_abi(&elf), Some((2, 1, 0)));
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(elf_abi(&head_of(&me).unwrap()), Some((2, 1, 62)));
+        assert_eq!(elf_abi(b"#!/bin/sh"), None);
         // A header pointing past the end is not trusted.
         elf[64] = 1;
         elf[56] = 9;
