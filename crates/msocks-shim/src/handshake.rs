@@ -92,6 +92,39 @@ pub fn to_raw(addr: SocketAddr) -> (libc::sockaddr_storage, socklen_t) {
     }
 }
 
+/// Stores `addr` the way getpeername(2) and getsockname(2) return addresses: at most `*len`
+/// bytes are written (a smaller buffer gets a truncated address), and `*len` becomes the full
+/// length.
+///
+/// # Safety
+/// `len` must be valid for reads and writes, and `out` valid for `*len` bytes of writes.
+pub unsafe fn write_raw(addr: SocketAddr, out: *mut sockaddr, len: *mut socklen_t) {
+    let (raw, raw_len) = to_raw(addr);
+    // SAFETY: the caller guarantees `len` is valid.
+    let room = unsafe { *len } as usize;
+    let n = room.min(raw_len as usize);
+    // SAFETY: `raw` holds `raw_len` >= n bytes; the caller guarantees `out` has room for
+    // `*len` >= n bytes; the two cannot overlap (`raw` is our local).
+    unsafe {
+        std::ptr::copy_nonoverlapping(std::ptr::addr_of!(raw).cast::<u8>(), out.cast::<u8>(), n);
+        *len = raw_len;
+    }
+}
+
+/// The local address of socket `fd`, if it has an IPv4 or IPv6 one.
+pub fn local_addr(fd: c_int) -> Option<SocketAddr> {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<libc::sockaddr_storage>() as socklen_t;
+    // SAFETY: getsockname writes at most `len` bytes into `storage`, and the length into `len`.
+    let rc = unsafe { libc::getsockname(fd, std::ptr::addr_of_mut!(storage).cast(), &mut len) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: the kernel wrote `len` (<= the size of storage) valid bytes.
+    unsafe { from_raw(std::ptr::addr_of!(storage).cast(), len) }
+}
+
 /// The agent's address as a socket of `domain` can reach it: an IPv4 agent from an AF_INET6
 /// socket through its IPv4-mapped address; an IPv6 agent cannot be reached from AF_INET.
 pub fn agent_for_domain(agent: SocketAddr, domain: c_int) -> Result<SocketAddr, HandshakeError> {
@@ -315,6 +348,32 @@ mod tests {
         }
         // SAFETY: null is allowed.
         assert_eq!(unsafe { from_raw(std::ptr::null(), 16) }, None);
+    }
+
+    #[test]
+    fn written_addresses_are_truncated_like_the_kernel_does() {
+        let a: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
+        // SAFETY: all-zero sockaddr_storage is valid; the buffer has `len` bytes.
+        let mut out: libc::sockaddr_storage = unsafe { mem::zeroed() };
+        let mut len = mem::size_of::<libc::sockaddr_storage>() as socklen_t;
+        // SAFETY: `out` has room for `len` bytes.
+        unsafe { write_raw(a, std::ptr::addr_of_mut!(out).cast(), &mut len) };
+        assert_eq!(len as usize, mem::size_of::<libc::sockaddr_in6>());
+        // SAFETY: `len` valid bytes.
+        assert_eq!(
+            unsafe { from_raw(std::ptr::addr_of!(out).cast(), len) },
+            Some(a)
+        );
+        let mut small = [0xAAu8; 8];
+        let mut len = 4 as socklen_t;
+        // SAFETY: `small` has room for 4 (and more) bytes.
+        unsafe { write_raw(a, small.as_mut_ptr().cast(), &mut len) };
+        assert_eq!(len as usize, mem::size_of::<libc::sockaddr_in6>());
+        assert_eq!(
+            &small[4..],
+            &[0xAA; 4],
+            "nothing written past the room given"
+        );
     }
 
     #[test]

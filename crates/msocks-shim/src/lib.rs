@@ -2,7 +2,7 @@
 //! TCP connections go through the msocks agent's local SOCKS5 endpoint, so they become MSOCKS
 //! streams that follow the mobile node's links.
 //!
-//! Loaded with `LD_PRELOAD`, it interposes three libc functions (found for the real
+//! Loaded with `LD_PRELOAD`, it interposes four libc functions (found for the real
 //! implementations with `dlsym(RTLD_NEXT, …)`):
 //!
 //! * `connect`: a TCP connect (AF_INET or AF_INET6, IPv4-mapped treated as IPv4) to a
@@ -12,6 +12,8 @@
 //! * `getaddrinfo` / `freeaddrinfo`: in remote DNS mode (the default) a name that is not
 //!   numeric, not local (`localhost`, this host's name, `/etc/hosts`) gets a placeholder
 //!   address from 198.18.0.0/15, and `connect` sends the name itself to the agent.
+//! * `getpeername`: a socket connected through the agent shows the destination the program
+//!   connected to, not the agent.
 //!
 //! Settings come from the environment (`MSOCKS_AGENT`, `MSOCKS_DNS`, `MSOCKS_SHIM_EXCLUDE`,
 //! `MSOCKS_SHIM_LOG`, `MSOCKS_SHIM_TIMEOUT`; see [`config`]). docs/SHIM.md has the whole

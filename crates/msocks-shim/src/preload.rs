@@ -4,7 +4,7 @@
 //! the real libc function: the program must keep working for everything the shim does not
 //! handle.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{c_char, c_int, CStr};
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -25,6 +25,7 @@ type GetaddrinfoFn = unsafe extern "C" fn(
     *mut *mut addrinfo,
 ) -> c_int;
 type FreeaddrinfoFn = unsafe extern "C" fn(*mut addrinfo);
+type GetpeernameFn = unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int;
 
 /// MPTCP sockets are SOCK_STREAM too and connect the same way (not in every libc crate).
 const IPPROTO_MPTCP: c_int = 262;
@@ -34,6 +35,7 @@ struct Real {
     connect: Option<ConnectFn>,
     getaddrinfo: Option<GetaddrinfoFn>,
     freeaddrinfo: Option<FreeaddrinfoFn>,
+    getpeername: Option<GetpeernameFn>,
 }
 
 fn real() -> &'static Real {
@@ -42,7 +44,7 @@ fn real() -> &'static Real {
         // SAFETY: dlsym with RTLD_NEXT and NUL-terminated names is always safe to call; the
         // result is null or the address of the named libc function, whose C signature is
         // exactly the fn type it is transmuted to (connect(2), getaddrinfo(3),
-        // freeaddrinfo(3)). A null pointer becomes None (Option<fn> has the same layout).
+        // freeaddrinfo(3), getpeername(2)). A null pointer becomes None (Option<fn> has the same layout).
         unsafe {
             Real {
                 connect: std::mem::transmute::<*mut libc::c_void, Option<ConnectFn>>(libc::dlsym(
@@ -54,6 +56,9 @@ fn real() -> &'static Real {
                 ),
                 freeaddrinfo: std::mem::transmute::<*mut libc::c_void, Option<FreeaddrinfoFn>>(
                     libc::dlsym(libc::RTLD_NEXT, c"freeaddrinfo".as_ptr()),
+                ),
+                getpeername: std::mem::transmute::<*mut libc::c_void, Option<GetpeernameFn>>(
+                    libc::dlsym(libc::RTLD_NEXT, c"getpeername".as_ptr()),
                 ),
             }
         }
@@ -69,6 +74,9 @@ struct State {
     fake: Mutex<FakeDns>,
     /// Results this library allocated, so `freeaddrinfo` hands libc only libc's own.
     ours: Mutex<HashSet<usize>>,
+    /// Sockets connected through the agent: fd → (its local address then, the destination
+    /// the program asked for), so `getpeername` can answer with the destination.
+    peers: Mutex<HashMap<c_int, (SocketAddr, SocketAddr)>>,
 }
 
 fn state() -> &'static State {
@@ -100,6 +108,7 @@ fn state() -> &'static State {
             hosts,
             fake: Mutex::new(FakeDns::new()),
             ours: Mutex::new(HashSet::new()),
+            peers: Mutex::new(HashMap::new()),
         }
     })
 }
@@ -229,6 +238,9 @@ unsafe fn connect_impl(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_in
     };
     match r {
         Ok(()) => {
+            if let Some(local) = handshake::local_addr(fd) {
+                lock(&st.peers).insert(fd, (local, dest));
+            }
             log(format_args!(
                 "fd {fd}: {dest} via agent {} as {target}",
                 config.agent
@@ -449,4 +461,59 @@ pub unsafe extern "C" fn freeaddrinfo(res: *mut addrinfo) {
             unsafe { free(res) };
         }
     }));
+}
+
+/// Interposed `getpeername(2)`: for a socket connected through the agent, the destination the
+/// program connected to (what a direct connection would show) instead of the agent.
+///
+/// The table is keyed by descriptor and `close` is not interposed, so an entry can outlive
+/// its socket; it is used only while the socket is still the same connection — its peer is
+/// the agent and its local address is the one recorded — so a reused descriptor number
+/// gets the real answer.
+///
+/// # Safety
+/// Called by C code with getpeername's contract (`addr` has `*len` writable bytes).
+#[no_mangle]
+pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    let Some(real_getpeername) = real().getpeername else {
+        set_errno(libc::ENOSYS);
+        return -1;
+    };
+    if addr.is_null() || len.is_null() {
+        // SAFETY: the program's own arguments, passed on (libc reports EFAULT).
+        return unsafe { real_getpeername(fd, addr, len) };
+    }
+    // SAFETY: `len` is non-null and, by getpeername's contract, valid.
+    let room = unsafe { *len };
+    // SAFETY: the program's own arguments, passed on.
+    let rc = unsafe { real_getpeername(fd, addr, len) };
+    if rc != 0 {
+        return rc;
+    }
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        let st = state();
+        let Some(config) = st.config.as_ref() else {
+            return;
+        };
+        let Some((local, dest)) = lock(&st.peers).get(&fd).copied() else {
+            return;
+        };
+        // SAFETY: the kernel wrote min(room, *len) valid bytes of the peer's address.
+        let written = unsafe { (*len).min(room) };
+        // SAFETY: `addr` holds `written` valid bytes (just above).
+        let peer = unsafe { handshake::from_raw(addr, written) };
+        let same = peer.map(classify::unmap) == Some(classify::unmap(config.agent))
+            && handshake::local_addr(fd) == Some(local);
+        if same {
+            // SAFETY: by getpeername's contract `addr` has `room` writable bytes; `len` is
+            // valid. write_raw writes at most `room` bytes and sets the full length.
+            unsafe {
+                *len = room;
+                handshake::write_raw(dest, addr, len);
+            }
+        } else {
+            lock(&st.peers).remove(&fd);
+        }
+    }));
+    0
 }

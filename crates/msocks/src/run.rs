@@ -20,9 +20,9 @@ pub const SHIM_FILE: &str = "libmsocks_shim.so";
 
 /// Long help of `msocks run`.
 pub const RUN_LONG_ABOUT: &str = "Run PROGRAM with its TCP connections sent through the msocks \
-agent, without changing it: an LD_PRELOAD library (libmsocks_shim.so) interposes connect() and \
-getaddrinfo(). A TCP connect (IPv4 or IPv6, blocking or non-blocking) to anything but \
-loopback, link-local addresses, the agent itself or --exclude'd networks becomes a connect to \
+agent, without changing it: an LD_PRELOAD library (libmsocks_shim.so) interposes connect(), \
+getaddrinfo() and getpeername(). A TCP connect (IPv4 or IPv6, blocking or non-blocking) to \
+anything but loopback, link-local addresses, the agent itself or --exclude'd networks becomes a connect to \
 the agent plus a SOCKS5 CONNECT on the program's own socket; Unix sockets and UDP are left \
 alone. A non-blocking connect completes before connect() returns (it returns 0, so \
 poll/select/epoll report the socket writable at once).\n\n\
@@ -36,10 +36,10 @@ If the agent cannot be reached, proxied connects fail with ECONNREFUSED and a me
 standard error (fail closed: nothing leaks around the agent).\n\n\
 Limits: only dynamically linked programs (static binaries and Go programs, which make raw \
 system calls, are not affected; msocks run refuses static ELF files and ones for another architecture); setuid/setgid programs \
-ignore LD_PRELOAD; io_uring connects, UDP (QUIC, DNS) and TCP Fast Open are not redirected; \
-getpeername() shows the agent's address. docs/SHIM.md has the details.\n\n\
-The library is looked for in $MSOCKS_SHIM, then next to the msocks executable, then in \
-EXE_DIR/deps and EXE_DIR/../lib/msocks/. PROGRAM is exec'd (same pid, signals and exit status \
+ignore LD_PRELOAD; io_uring connects, UDP (QUIC, DNS) and TCP Fast Open are not redirected. \
+docs/SHIM.md has the details.\n\n\
+The library is looked for in $MSOCKS_SHIM, else in EXE_DIR/deps/ (a cargo target \
+directory), next to the msocks executable, and in EXE_DIR/../lib/msocks/. PROGRAM is exec'd (same pid, signals and exit status \
 pass through); LD_PRELOAD is prepended to any existing value.";
 
 /// What `--dns` accepts.
@@ -113,8 +113,11 @@ fn shim_candidates() -> Vec<PathBuf> {
         .ok()
         .and_then(|e| e.parent().map(Path::to_path_buf))
     {
-        out.push(dir.join(SHIM_FILE));
+        // In a cargo target directory deps/ comes first: it is rebuilt with every build of
+        // msocks, while the copy next to the binary is only refreshed by workspace builds and
+        // may be stale.
         out.push(dir.join("deps").join(SHIM_FILE));
+        out.push(dir.join(SHIM_FILE));
         out.push(dir.join("..").join("lib").join("msocks").join(SHIM_FILE));
     }
     out

@@ -216,14 +216,17 @@ def http_get(s):
 # Blocking IPv4 connect.
 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
 s.connect(("192.0.2.10", 80))
+results["peer_v4"] = list(s.getpeername())
 results["v4_blocking"] = http_get(s)
 
 # An IPv6 socket to an IPv6 address, and to an IPv4-mapped one.
 s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
 s.connect(("2001:db8::10", 80))
+results["peer_v6"] = list(s.getpeername())
 results["v6_blocking"] = http_get(s)
 s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
 s.connect(("::ffff:192.0.2.11", 81))
+results["peer_mapped"] = list(s.getpeername())
 results["v6_mapped"] = http_get(s)
 
 # Non-blocking connects waited for with epoll (selectors' default), select and poll.
@@ -263,6 +266,7 @@ results["gai_addr"] = infos[0][4][0]
 infos6 = socket.getaddrinfo("app.msocks-test.invalid", 85, socket.AF_INET6, socket.SOCK_STREAM)
 results["gai6_addr"] = infos6[0][4][0]
 s = socket.create_connection(("app.msocks-test.invalid", 86), timeout=20)
+results["peer_name"] = list(s.getpeername())
 results["by_name"] = http_get(s)
 results["localhost"] = socket.getaddrinfo("localhost", 80, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
 
@@ -282,6 +286,7 @@ s.close()
 
 # Loopback goes straight to the server.
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=20)
+results["peer_loopback"] = list(s.getpeername())
 results["loopback"] = http_get(s)
 
 # Unix sockets and UDP are not touched.
@@ -342,6 +347,24 @@ fn python_sockets_blocking_nonblocking_ipv6_names_and_errors() {
     assert!(placeholder.starts_with("198.18."), "{v}");
     assert_eq!(v["gai6_addr"], format!("::ffff:{placeholder}"), "{v}");
     assert_eq!(v["localhost"], "127.0.0.1", "{v}");
+    // getpeername shows the destination, as a direct connection would.
+    assert_eq!(v["peer_v4"], serde_json::json!(["192.0.2.10", 80]), "{v}");
+    assert_eq!(
+        v["peer_v6"],
+        serde_json::json!(["2001:db8::10", 80, 0, 0]),
+        "{v}"
+    );
+    assert_eq!(
+        v["peer_mapped"],
+        serde_json::json!(["::ffff:192.0.2.11", 81, 0, 0]),
+        "{v}"
+    );
+    assert_eq!(v["peer_name"], serde_json::json!([placeholder, 86]), "{v}");
+    assert_eq!(
+        v["peer_loopback"],
+        serde_json::json!(["127.0.0.1", http.port()]),
+        "{v}"
+    );
     assert_eq!(v["refused"], "ECONNREFUSED", "{v}");
     assert_eq!(v["forbidden"], "EACCES", "{v}");
     assert_eq!(v["refused_nb"], "ECONNREFUSED", "{v}");
