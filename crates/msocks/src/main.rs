@@ -9,6 +9,7 @@ use std::time::Duration;
 mod agent_cli;
 mod bench_move;
 mod demo;
+mod run;
 mod testbed_proxy;
 
 use anyhow::{Context, Result};
@@ -95,6 +96,13 @@ the same run. Prints a Markdown table (median / max per direction). Needs root."
     /// Move the agent's streams onto an interface by hand.
     #[command(long_about = agent_cli::MOVE_LONG_ABOUT)]
     Move(agent_cli::MoveArgs),
+    /// Run an unmodified program with its TCP connections sent through the agent (LD_PRELOAD).
+    #[command(
+        long_about = run::RUN_LONG_ABOUT,
+        after_help = "Examples:\n  msocks run -- curl -o big.iso http://example.org/big.iso\n  \
+msocks run --dns local --exclude 10.0.0.0/8 -- python3 fetch.py"
+    )]
+    Run(run::RunArgs),
 }
 
 #[derive(Args)]
@@ -133,6 +141,7 @@ fn main() -> ExitCode {
         Command::Agent(args) => agent_cli::run_agent(args),
         Command::Status(args) => agent_cli::run_status(&args),
         Command::Move(args) => agent_cli::run_move(&args),
+        Command::Run(args) => run::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

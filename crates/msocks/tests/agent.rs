@@ -10,10 +10,10 @@
 //!
 //! Needs root; without it each test prints SKIPPED and returns (with `CI` set, it fails).
 
+mod support;
+
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::{self, JoinHandle};
@@ -26,204 +26,9 @@ use msocks_proto::{
 };
 use msocks_testbed::{Link, Testbed};
 use sha2::{Digest, Sha256};
+use support::agent_testbed::{run_cli, setup, Setup, AGENT_PORT};
 
-const PROXY_PORT: u16 = 1080;
-const AGENT_PORT: u16 = 1080;
 const MIB: u64 = 1 << 20;
-
-/// A child process killed when dropped; its log is printed if the test is failing.
-struct Proc {
-    child: Child,
-    name: &'static str,
-    log: PathBuf,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            eprintln!("----- {} log -----\n{log}\n-----", self.name);
-        }
-    }
-}
-
-struct Setup {
-    tb: Testbed,
-    dir: PathBuf,
-    _proxy: Proc,
-    _agent: Proc,
-}
-
-impl Setup {
-    fn control(&self) -> PathBuf {
-        self.dir.join("agent.sock")
-    }
-
-    fn status(&self) -> Vec<StreamRow> {
-        client::status(&self.control()).expect("msocks status")
-    }
-
-    /// The one stream to `port`.
-    fn stream(&self, port: u16) -> Option<StreamRow> {
-        self.status()
-            .into_iter()
-            .find(|r| r.destination.ends_with(&format!(":{port}")))
-    }
-
-    /// Waits until the stream to `port` satisfies `f`.
-    fn wait_stream(&self, port: u16, what: &str, f: impl Fn(&StreamRow) -> bool) -> StreamRow {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let row = self.stream(port);
-            if let Some(r) = row.as_ref().filter(|r| f(r)) {
-                return r.clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "stream to port {port}: {what}; last status: {row:?}"
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        // Kept after a failure: the logs are printed from it, and can be read afterwards.
-        if !thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-fn setup(name: &str) -> Setup {
-    let tb = Testbed::mobile_proxy_server().expect("testbed");
-    let dir = std::env::temp_dir().join(format!("msocks-agent-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let exe = env!("CARGO_BIN_EXE_msocks");
-
-    let proxy_log = dir.join("proxy.log");
-    let child = tb
-        .px
-        .command(exe)
-        .args([
-            "proxy",
-            "--listen",
-            &format!("0.0.0.0:{PROXY_PORT}"),
-            "--log-level",
-            "info",
-        ])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&proxy_log).unwrap())
-        .spawn()
-        .expect("start msocks proxy");
-    let proxy = Proc {
-        child,
-        name: "proxy",
-        log: proxy_log,
-    };
-    let proxy_at = SocketAddr::from((tb.px_wired_ip, PROXY_PORT));
-    wait_connectable(&tb, proxy_at);
-
-    let config = format!(
-        r#"
-listen = ["127.0.0.1:{AGENT_PORT}"]
-control = "{control}"
-manage_routes = true
-wait_timeout = "60s"
-
-[[interface]]
-name = "wired0"
-proxy = "{pw}:{PROXY_PORT}"
-cost = "free"
-bandwidth = "high"
-tags = ["lan"]
-
-[[interface]]
-name = "radio0"
-proxy = "{pr}:{PROXY_PORT}"
-cost = "expensive"
-bandwidth = "low"
-tags = ["wan"]
-
-[[rule]]
-name = "wired only"
-port = [5001]
-outbound = ["wired0"]
-inbound = ["wired0"]
-
-[[rule]]
-name = "radio"
-network = ["{svnet}"]
-port = ["5002-5002"]
-outbound = ["tag:wan"]
-inbound = ["cost:expensive"]
-
-[[rule]]
-name = "split"
-port = [5003]
-outbound = ["wired0"]
-inbound = ["radio0"]
-"#,
-        control = dir.join("agent.sock").display(),
-        pw = tb.px_wired_ip,
-        pr = tb.px_radio_ip,
-        svnet = tb.sv_net,
-    );
-    let config_path = dir.join("agent.toml");
-    std::fs::write(&config_path, config).unwrap();
-    let agent_log = dir.join("agent.log");
-    let child = tb
-        .mn
-        .command(exe)
-        .args(["agent", "--config"])
-        .arg(&config_path)
-        .args(["--log-level", "info"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&agent_log).unwrap())
-        .spawn()
-        .expect("start msocks agent");
-    let agent = Proc {
-        child,
-        name: "agent",
-        log: agent_log,
-    };
-    let control = dir.join("agent.sock");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while client::status(&control).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the agent's control socket did not answer"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-    Setup {
-        tb,
-        dir,
-        _proxy: proxy,
-        _agent: agent,
-    }
-}
-
-fn wait_connectable(tb: &Testbed, addr: SocketAddr) {
-    let ok = tb
-        .mn
-        .run_in(|| {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                    return true;
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
-            false
-        })
-        .unwrap();
-    assert!(ok, "{addr} did not accept connections");
-}
 
 /// The deterministic bytes servers send (xorshift), so both ends can hash them.
 struct Pattern(u64);
@@ -401,29 +206,36 @@ fn upload_sha(bytes: u64) -> String {
     hex::encode(hash.finalize())
 }
 
-fn run_cli(tb: &Testbed, control: &Path, args: &[&str]) -> String {
-    let out = tb
-        .mn
-        .command(env!("CARGO_BIN_EXE_msocks"))
-        .args(args)
-        .arg("--control")
-        .arg(control)
-        .output()
-        .expect("run msocks");
-    assert!(
-        out.status.success(),
-        "msocks {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn agent_places_streams_by_rule_and_splits_directions() {
     if !msocks_testbed::require_root("agent_places_streams_by_rule_and_splits_directions") {
         return;
     }
-    let s = setup("rules");
+    let s = setup("rules", |tb| {
+        format!(
+            r#"
+[[rule]]
+name = "wired only"
+port = [5001]
+outbound = ["wired0"]
+inbound = ["wired0"]
+
+[[rule]]
+name = "radio"
+network = ["{svnet}"]
+port = ["5002-5002"]
+outbound = ["tag:wan"]
+inbound = ["cost:expensive"]
+
+[[rule]]
+name = "split"
+port = [5003]
+outbound = ["wired0"]
+inbound = ["radio0"]
+"#,
+            svnet = tb.sv_net
+        )
+    });
     let tb = &s.tb;
     // Small: the hashing on both ends runs unoptimised in a debug build.
     let size = 4 * MIB;
@@ -513,7 +325,7 @@ fn agent_follows_links_and_moves_by_hand() {
     if !msocks_testbed::require_root("agent_follows_links_and_moves_by_hand") {
         return;
     }
-    let s = setup("links");
+    let s = setup("links", |_| String::new());
     let tb = &s.tb;
     const PORT: u16 = 5004;
     let (part1, part2, part3) = (MIB, 8 * MIB, MIB);
@@ -633,7 +445,7 @@ fn agent_leaves_a_silent_link_found_by_its_probe_and_returns() {
     if !msocks_testbed::require_root("agent_leaves_a_silent_link_found_by_its_probe_and_returns") {
         return;
     }
-    let s = setup("silent");
+    let s = setup("silent", |_| String::new());
     let tb = &s.tb;
     const PORT: u16 = 5006;
     let (part1, part2, part3) = (MIB, 8 * MIB, MIB);
@@ -701,7 +513,16 @@ fn agent_reloads_policy_mid_transfer_and_holds_streams_without_a_link() {
     ) {
         return;
     }
-    let s = setup("reload");
+    let s = setup("reload", |_| {
+        r#"
+[[rule]]
+name = "wired only"
+port = [5001]
+outbound = ["wired0"]
+inbound = ["wired0"]
+"#
+        .to_owned()
+    });
     let tb = &s.tb;
     const PORT: u16 = 5001; // the "wired only" rule
     let (part1, part2, part3) = (MIB, 4 * MIB, MIB);
@@ -731,7 +552,7 @@ fn agent_reloads_policy_mid_transfer_and_holds_streams_without_a_link() {
     assert_ne!(new, text, "the test's rule text changed");
     std::fs::write(&path, new).unwrap();
     let hup = std::process::Command::new("kill")
-        .args(["-HUP", &s._agent.child.id().to_string()])
+        .args(["-HUP", &s.agent_pid().to_string()])
         .status()
         .expect("kill -HUP");
     assert!(hup.success());

@@ -11,6 +11,8 @@
 //! and msocks-only features (`msocks passwd`) are left out.
 #![allow(dead_code)]
 
+pub mod agent_testbed;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
