@@ -13,7 +13,7 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::{self, JoinHandle};
@@ -113,8 +113,24 @@ fn server(
 /// A plain SOCKS5 client in `mn`: CONNECT through the agent to `sv:port`.
 fn socks_connect(tb: &Testbed, port: u16) -> TcpStream {
     let target = TargetAddr::Ip(SocketAddr::from((tb.sv_ip, port)));
+    let (s, reply) = socks_request(tb, msocks_proto::Command::Connect, target);
+    assert_eq!(
+        reply.code,
+        ReplyCode::Succeeded,
+        "agent refused CONNECT to port {port}"
+    );
+    s
+}
+
+/// A plain SOCKS5 request to the agent from `mn`; returns the connection and the (first)
+/// reply.
+fn socks_request(
+    tb: &Testbed,
+    command: msocks_proto::Command,
+    target: TargetAddr,
+) -> (TcpStream, Reply) {
     tb.mn
-        .run_in(move || -> TcpStream {
+        .run_in(move || {
             let mut s =
                 TcpStream::connect(("127.0.0.1", AGENT_PORT)).expect("connect to the agent");
             let mut out = Vec::new();
@@ -129,30 +145,29 @@ fn socks_connect(tb: &Testbed, port: u16) -> TcpStream {
             assert_eq!(sel.method, Method::NO_AUTH);
             out.clear();
             Request::Open(OpenRequest {
-                command: msocks_proto::Command::Connect,
+                command,
                 target,
                 mobility: None,
             })
             .encode(&mut out);
             s.write_all(&out).unwrap();
-            // Read the reply byte by byte: nothing may be consumed past it.
-            let mut reply = Vec::new();
-            let reply = loop {
-                let mut b = [0u8; 1];
-                s.read_exact(&mut b).expect("reply from the agent");
-                reply.push(b[0]);
-                if let Some((r, _)) = Reply::decode(&reply, ReplyContext::Plain).unwrap() {
-                    break r;
-                }
-            };
-            assert_eq!(
-                reply.code,
-                ReplyCode::Succeeded,
-                "agent refused CONNECT to port {port}"
-            );
-            s
+            let reply = read_reply(&mut s);
+            (s, reply)
         })
         .unwrap()
+}
+
+/// Reads one SOCKS5 reply, byte by byte: nothing may be consumed past it.
+fn read_reply(s: &mut TcpStream) -> Reply {
+    let mut reply = Vec::new();
+    loop {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).expect("reply from the agent");
+        reply.push(b[0]);
+        if let Some((r, _)) = Reply::decode(&reply, ReplyContext::Plain).unwrap() {
+            return r;
+        }
+    }
 }
 
 /// Client side of one transfer: sends the upload's length and `upload` bytes, reads to the
@@ -415,6 +430,19 @@ fn wait_progress(progress: &AtomicU64, n: u64) {
     }
 }
 
+/// Waits until some stream satisfies `f`.
+fn wait_row(s: &Setup, what: &str, f: impl Fn(&StreamRow) -> bool) -> StreamRow {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows = s.status();
+        if let Some(r) = rows.iter().find(|r| f(r)) {
+            return r.clone();
+        }
+        assert!(Instant::now() < deadline, "{what}; streams: {rows:?}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn interface(s: &Setup, name: &str) -> InterfaceRow {
     client::interfaces(&s.control())
         .expect("msocks status --interfaces")
@@ -610,4 +638,176 @@ inbound = ["wired0"]
         "download across a reload and a time with no link"
     );
     eprintln!("moves after the reload: {}", moved.moves);
+}
+
+/// UDP through the agent: a program's association keeps working when the wired link is
+/// pulled (the agent re-associates over radio) and when it comes back.
+#[test]
+fn agent_udp_association_survives_moves() {
+    if !msocks_testbed::require_root("agent_udp_association_survives_moves") {
+        return;
+    }
+    let s = setup("udp", |_| String::new());
+    let tb = &s.tb;
+    const PORT: u16 = 5300;
+    // A UDP echo server in sv.
+    let echo = tb
+        .sv
+        .run_in(|| UdpSocket::bind(SocketAddr::from((tb.sv_ip, PORT))))
+        .unwrap()
+        .expect("echo bind");
+    let echo_thread = thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        echo.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        while let Ok((n, from)) = echo.recv_from(&mut buf) {
+            if &buf[..n] == b"stop" {
+                return;
+            }
+            let _ = echo.send_to(&buf[..n], from);
+        }
+    });
+    let (control, reply) = socks_request(
+        tb,
+        msocks_proto::Command::UdpAssociate,
+        TargetAddr::UNSPECIFIED,
+    );
+    assert_eq!(reply.code, ReplyCode::Succeeded, "{reply:?}");
+    let TargetAddr::Ip(relay) = reply.bound else {
+        panic!("relay given as a name: {reply:?}")
+    };
+    let sock = tb
+        .mn
+        .run_in(|| UdpSocket::bind("127.0.0.1:0"))
+        .unwrap()
+        .expect("client UDP socket");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let dest = TargetAddr::Ip(SocketAddr::from((tb.sv_ip, PORT)));
+    // Sends datagram `n` and waits for its echo; `true` when it came back.
+    let round = |n: u32| -> bool {
+        let mut out = Vec::new();
+        msocks_proto::UdpHeader {
+            frag: 0,
+            target: dest.clone(),
+        }
+        .encode(&mut out);
+        let payload = format!("datagram {n}");
+        out.extend_from_slice(payload.as_bytes());
+        sock.send_to(&out, relay).unwrap();
+        let mut buf = [0u8; 2048];
+        let deadline = Instant::now() + Duration::from_millis(400);
+        while Instant::now() < deadline {
+            if let Ok((len, _)) = sock.recv_from(&mut buf) {
+                if let Ok(Some((h, used))) = msocks_proto::UdpHeader::decode(&buf[..len]) {
+                    if h.target == dest && &buf[used..len] == payload.as_bytes() {
+                        return true;
+                    }
+                }
+            }
+        }
+        false
+    };
+    // Echoes until `count` consecutive ones came back (the switch may lose a few).
+    let steady = |from: u32, count: u32| -> u32 {
+        let mut n = from;
+        let mut ok = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while ok < count {
+            assert!(Instant::now() < deadline, "UDP echoes did not resume");
+            if round(n) {
+                ok += 1;
+            } else {
+                ok = 0;
+            }
+            n += 1;
+        }
+        n
+    };
+    let n = steady(0, 10);
+    let row = wait_row(&s, "associated", |r| r.kind == "udp");
+    assert_eq!(row.outbound, "wired0", "{row:?}");
+    let w0 = tb.mn.link_stats("wired0").unwrap();
+
+    tb.link_down(Link::Wired).unwrap();
+    let n = steady(n, 10);
+    let moved = wait_row(&s, "associated on radio0", |r| {
+        r.kind == "udp" && r.outbound == "radio0" && r.moves >= 1
+    });
+    tb.link_up(Link::Wired).unwrap();
+    wait_row(&s, "back on wired0", |r| {
+        r.kind == "udp" && r.outbound == "wired0" && r.moves > moved.moves
+    });
+    let n = steady(n, 10);
+    let w1 = tb.mn.link_stats("wired0").unwrap();
+    assert!(
+        w1.rx_bytes > w0.rx_bytes,
+        "echoes arrive on wired0 again"
+    );
+    eprintln!("UDP: {n} datagrams sent, moves {}", moved.moves);
+    drop(control);
+    // The association ends with its control connection.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.status().iter().any(|r| r.kind == "udp") {
+        assert!(Instant::now() < deadline, "association still listed");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let stop = tb
+        .mn
+        .run_in(|| UdpSocket::bind("0.0.0.0:0"))
+        .unwrap()
+        .unwrap();
+    let _ = tb
+        .mn
+        .run_in(|| stop.send_to(b"stop", SocketAddr::from((tb.sv_ip, PORT))));
+    let _ = echo_thread.join();
+}
+
+/// BIND through the agent: the proxy listens for the program's peer (first reply), the
+/// peer in sv connects (second reply), and the accepted stream is an MSOCKS stream that
+/// `msocks move` moves like any other.
+#[test]
+fn agent_bind_accepts_and_moves() {
+    if !msocks_testbed::require_root("agent_bind_accepts_and_moves") {
+        return;
+    }
+    let s = setup("bind", |_| String::new());
+    let tb = &s.tb;
+    let (mut ctl, first) = socks_request(
+        tb,
+        msocks_proto::Command::Bind,
+        TargetAddr::Ip(SocketAddr::from((tb.sv_ip, 0))),
+    );
+    assert_eq!(first.code, ReplyCode::Succeeded, "{first:?}");
+    let TargetAddr::Ip(listen) = first.bound else {
+        panic!("BIND address as a name: {first:?}")
+    };
+    // The peer in sv connects to where the proxy listens (its sv-side address).
+    let listen = SocketAddr::new(tb.px_sv_ip.into(), listen.port());
+    let mut peer = tb
+        .sv
+        .run_in(|| TcpStream::connect(listen))
+        .unwrap()
+        .expect("peer connects to the BIND address");
+    let second = read_reply(&mut ctl);
+    assert_eq!(second.code, ReplyCode::Succeeded, "{second:?}");
+    let echo = |ctl: &mut TcpStream, peer: &mut TcpStream, msg: &[u8]| {
+        ctl.write_all(msg).unwrap();
+        let mut got = vec![0u8; msg.len()];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(got, msg);
+        peer.write_all(msg).unwrap();
+        ctl.read_exact(&mut got).unwrap();
+        assert_eq!(got, msg);
+    };
+    echo(&mut ctl, &mut peer, b"before the move");
+    let row = wait_row(&s, "bind stream", |r| {
+        r.kind == "bind" && r.state == "connected"
+    });
+    let out = run_cli(tb, &s.control(), &["move", &row.id.to_string(), "radio0"]);
+    assert!(out.contains("moved to radio0"), "{out}");
+    wait_row(&s, "on radio0", |r| {
+        r.kind == "bind" && r.outbound == "radio0" && r.moves >= 1
+    });
+    echo(&mut ctl, &mut peer, b"after the move");
 }
