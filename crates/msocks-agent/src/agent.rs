@@ -696,7 +696,7 @@ fn tcp_dup(tcp: &TcpStream) -> Option<std::net::TcpStream> {
 /// A stream just opened through the proxy, or a BIND waiting for its peer.
 enum Opened {
     Stream(MobileStream),
-    Listening(msocks_client::MobileBind),
+    Listening(Box<msocks_client::MobileBind>),
 }
 
 /// What a local program's stream asks the proxy for.
@@ -789,7 +789,7 @@ async fn run_stream(
                 .map(Opened::Stream),
             Open::Bind => MobileStream::bind(info.target.clone(), mc)
                 .await
-                .map(Opened::Listening),
+                .map(|b| Opened::Listening(Box::new(b))),
         };
         match opened {
             Ok(o) => break o,
