@@ -248,19 +248,26 @@ pub(crate) async fn probe_interface(inner: Arc<Inner>, interface: String) {
             // find the standby ready.
             inner.probes.put(&interface, standby);
             report(&inner, &interface, outcome);
-            tokio::select! {
-                () = tokio::time::sleep(interval) => {}
-                () = &mut taken => {}
-                _ = gen_rx.changed() => {}
-            }
+            // Until the next probe the standby stays offered: a placement change (which is
+            // when movers look for it) only makes this task check that its path still holds,
+            // without taking the standby away from them.
+            let next_probe = tokio::time::Instant::now() + interval;
+            let path_ok = loop {
+                tokio::select! {
+                    () = tokio::time::sleep_until(next_probe) => break true,
+                    () = &mut taken => break true,
+                    _ = gen_rx.changed() => {
+                        if !matches!(plan(&inner, &interface), Plan::Probe { path: ref p, .. } if *p == path) {
+                            break false;
+                        }
+                    }
+                }
+            };
             match inner.probes.take_back(&interface) {
-                Some(s) if s.path() == &path => standby = s,
+                Some(s) if path_ok && s.path() == &path => standby = s,
                 // Taken by a move (open the next one now), or the interface's addresses
                 // changed (open one on the new path).
                 _ => break,
-            }
-            if !matches!(plan(&inner, &interface), Plan::Probe { path: ref p, .. } if *p == path) {
-                break;
             }
         }
     }

@@ -279,6 +279,62 @@ async fn open_on(
     })
 }
 
+/// Opens a session on a standby connection (PROTOCOL.md 3.13): only the request is sent
+/// (the connection is authenticated already), and answers to probes still in flight are
+/// skipped before the reply.
+pub(crate) async fn open_on_standby(
+    standby: crate::Standby,
+    command: Command,
+    target: &TargetAddr,
+    cfg: &MobileConfig,
+) -> Result<Opened, Error> {
+    let crate::Standby {
+        mut stream,
+        path,
+        mut hs,
+        ..
+    } = standby;
+    let mut out = Vec::with_capacity(300);
+    Request::Open(OpenRequest {
+        command,
+        target: target.clone(),
+        mobility: Some(MobilityOptions {
+            oob_inline: cfg.oob_inline,
+            read_origin: cfg.read_origin,
+            write_origin: cfg.write_origin,
+        }),
+    })
+    .encode(&mut out);
+    let exchange = async {
+        stream
+            .write_all(&out)
+            .await
+            .map_err(|e| Error::io("sending the MSOCKS request", e))?;
+        loop {
+            let frame = hs
+                .recv(&mut stream, "MSOCKS reply", |b| {
+                    ProxyFrame::decode(b, ReplyContext::MobileOpen)
+                })
+                .await?;
+            if let ProxyFrame::Reply(reply) = frame {
+                return Ok::<Reply, Error>(reply);
+            }
+        }
+    };
+    let reply = match tokio::time::timeout(cfg.handshake_timeout, exchange).await {
+        Ok(r) => r?,
+        Err(_) => return Err(Error::Timeout("MSOCKS handshake")),
+    };
+    let (id, bound) = open_reply(reply)?;
+    Ok(Opened {
+        stream,
+        path,
+        id,
+        bound,
+        hs,
+    })
+}
+
 /// Reads a reply to MSOCKS CONNECT or BIND (either BIND reply) and its identifier.
 pub(crate) async fn read_open_reply(
     hs: &mut Handshake,
@@ -289,6 +345,11 @@ pub(crate) async fn read_open_reply(
             Reply::decode(b, ReplyContext::MobileOpen)
         })
         .await?;
+    open_reply(reply)
+}
+
+/// The identifier and BND of a reply to MSOCKS CONNECT or BIND, or the refusal.
+fn open_reply(reply: Reply) -> Result<(ConnectionId, TargetAddr), Error> {
     match (reply.code, reply.extension) {
         (ReplyCode::Succeeded, ReplyExtension::Connection(id)) => Ok((id, reply.bound)),
         // The decoder always reads the identifier after a success in this context; kept

@@ -269,6 +269,28 @@ impl MobileStream {
         actor::spawn(opened, config)
     }
 
+    /// Like [`connect`](MobileStream::connect), over a [`Standby`] connection: the MSOCKS
+    /// CONNECT goes out at once on the already authenticated connection, so the stream is
+    /// open one round trip sooner (no TCP handshake, no greeting). The standby's path is the
+    /// stream's first path; `config.paths` are the fallbacks for later reconnects.
+    pub async fn connect_via(
+        standby: Standby,
+        target: impl Into<TargetAddr>,
+        config: MobileConfig,
+    ) -> Result<MobileStream, Error> {
+        config.validate()?;
+        let target = target.into();
+        let opened =
+            handshake::open_on_standby(standby, Command::Connect, &target, &config).await?;
+        tracing::info!(
+            token = %opened.id.token,
+            %target,
+            path = %opened.path,
+            "mobile stream connected over a standby connection"
+        );
+        actor::spawn(opened, config)
+    }
+
     /// Asks the proxy to accept one connection from `target` with MSOCKS BIND (`0x82`),
     /// for protocols where the server connects back (an FTP data connection). The returned
     /// [`MobileBind`] tells the address the proxy listens on; pass it to the server, then

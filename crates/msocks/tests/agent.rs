@@ -740,10 +740,7 @@ fn agent_udp_association_survives_moves() {
     });
     let n = steady(n, 10);
     let w1 = tb.mn.link_stats("wired0").unwrap();
-    assert!(
-        w1.rx_bytes > w0.rx_bytes,
-        "echoes arrive on wired0 again"
-    );
+    assert!(w1.rx_bytes > w0.rx_bytes, "echoes arrive on wired0 again");
     eprintln!("UDP: {n} datagrams sent, moves {}", moved.moves);
     drop(control);
     // The association ends with its control connection.

@@ -703,6 +703,8 @@ struct Plan {
     server_read_pause: Option<(usize, Duration)>,
     /// A fixed receive buffer for the server.
     server_rcvbuf: Option<usize>,
+    /// Open the stream over a standby connection on the first path.
+    open_warm: bool,
 }
 
 impl Plan {
@@ -715,6 +717,7 @@ impl Plan {
             client_read_pause: None,
             server_read_pause: None,
             server_rcvbuf: None,
+            open_warm: false,
         }
     }
 
@@ -818,9 +821,18 @@ fn connect_transfer(
     );
     let target = SocketAddr::from((tb.sv_ip, port));
     let client = on_mobile(tb, || async {
-        let stream = MobileStream::connect(target, cfg)
-            .await
-            .expect("opening the mobile stream");
+        let stream = if plan.open_warm {
+            let standby = Standby::open(cfg.paths[0].clone(), &cfg)
+                .await
+                .expect("opening a standby connection");
+            MobileStream::connect_via(standby, target, cfg)
+                .await
+                .expect("opening the mobile stream over the standby connection")
+        } else {
+            MobileStream::connect(target, cfg)
+                .await
+                .expect("opening the mobile stream")
+        };
         drive(tb, stream, plan, up_gate, down_gate).await
     });
     let (server, connections) = join_server(server);
@@ -980,8 +992,8 @@ fn both_directions_survive_100_moves_a_third_hard() {
     }
 }
 
-/// 60 warm moves (each over a standby connection opened and probed on the new path just
-/// before), every third hard, while 2 MiB go each way: byte-exact, one server connection,
+/// A stream opened over a standby connection, then 60 warm moves (each over a standby
+/// connection opened and probed on the new path just before), every third hard, while 2 MiB go each way: byte-exact, one server connection,
 /// and each warm soft move attached without a TCP handshake (`connect_time` zero).
 #[test]
 fn both_directions_survive_60_warm_moves() {
@@ -990,7 +1002,7 @@ fn both_directions_survive_60_warm_moves() {
     }
     let tb = Testbed::mobile_proxy_server().expect("building the testbed");
     let proxy = Proxy::start(&tb);
-    let plan = Plan::new(
+    let mut plan = Plan::new(
         2 * MIB,
         2 * MIB,
         Moves {
@@ -1001,6 +1013,7 @@ fn both_directions_survive_60_warm_moves() {
             warm: true,
         },
     );
+    plan.open_warm = true;
     let (client, server, connections) = connect_transfer(&tb, SERVER_PORT, config(&tb), &plan);
     summary("warm, both ways", &client.moves);
     assert_exact(&client, &server, connections, &plan);
