@@ -404,6 +404,7 @@ pub(crate) async fn reconnect_on(
         token: params.id.token,
         data_read: params.data_read,
         data_written: params.data_written,
+        resend_from: None,
     })
     .encode(&mut out);
     let sent = Instant::now();

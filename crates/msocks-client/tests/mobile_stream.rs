@@ -408,6 +408,7 @@ async fn counters_near_2_32_and_2_63_and_across_2_64_are_encoded_right() {
             token: id.token,
             data_read: read_origin.wrapping_add(300),
             data_written: write_origin.wrapping_add(200),
+            resend_from: None,
         };
         assert_eq!(rc, expected, "case {n}");
         assert_eq!(

@@ -17,7 +17,12 @@ pub const MSOCKS_VERSION: u8 = 0x01;
 /// bytes are counted in `data_read` like any other byte (paper, section III-B.6).
 pub const FLAG_OOB_INLINE: u8 = 0x01;
 
-/// Every flag bit version 1 defines.
+/// RECONNECT FLAGS bit 1: the client sends its resend right after the request, without
+/// waiting for the reply, starting at RESEND_FROM (a field that then ends the body). Only
+/// RECONNECT may carry it (PROTOCOL.md 3.7.1).
+pub const FLAG_EARLY_RESEND: u8 = 0x02;
+
+/// Every flag bit version 1 defines for MSOCKS CONNECT and BIND.
 const KNOWN_FLAGS: u8 = FLAG_OOB_INLINE;
 
 /// Size of the [`MobilityOptions`] trailer of an MSOCKS CONNECT or BIND request.
@@ -174,7 +179,8 @@ impl ConnectionId {
 }
 
 /// The body of a RECONNECT request, after `VER | CMD | RSV`:
-/// `MVER | FLAGS | TOKEN (16) | DATA_READ (u64) | DATA_WRITTEN (u64)`.
+/// `MVER | FLAGS | TOKEN (16) | DATA_READ (u64) | DATA_WRITTEN (u64) [| RESEND_FROM (u64)]`,
+/// RESEND_FROM present exactly when FLAGS has [`FLAG_EARLY_RESEND`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReconnectRequest {
     /// Urgent data is received inline from now on ([`FLAG_OOB_INLINE`]).
@@ -185,33 +191,52 @@ pub struct ReconnectRequest {
     pub data_read: u64,
     /// Client-to-server bytes the application has written, counted from `write_origin`.
     pub data_written: u64,
+    /// Early resend ([`FLAG_EARLY_RESEND`]): the write-space position from which the client
+    /// sends its bytes again right after this request, without waiting for the reply.
+    pub resend_from: Option<u64>,
 }
 
-/// Size of a RECONNECT body.
+/// Size of a RECONNECT body without RESEND_FROM.
 pub const RECONNECT_BODY_LEN: usize = 1 + 1 + TOKEN_LEN + 8 + 8;
+
+/// Size of a RECONNECT body with RESEND_FROM.
+pub const RECONNECT_EARLY_BODY_LEN: usize = RECONNECT_BODY_LEN + 8;
 
 impl ReconnectRequest {
     /// Appends the body (not the `VER | CMD | RSV` header; see [`crate::Request`]).
     pub fn encode_body(&self, out: &mut Vec<u8>) {
         out.push(MSOCKS_VERSION);
-        out.push(if self.oob_inline { FLAG_OOB_INLINE } else { 0 });
+        let mut flags = if self.oob_inline { FLAG_OOB_INLINE } else { 0 };
+        if self.resend_from.is_some() {
+            flags |= FLAG_EARLY_RESEND;
+        }
+        out.push(flags);
         out.extend_from_slice(&self.token.0);
         out.extend_from_slice(&self.data_read.to_be_bytes());
         out.extend_from_slice(&self.data_written.to_be_bytes());
+        if let Some(from) = self.resend_from {
+            out.extend_from_slice(&from.to_be_bytes());
+        }
     }
 
     pub(crate) fn read_body(r: &mut Reader<'_>) -> Result<Option<Self>, DecodeError> {
         check_version(need!(r.u8()))?;
         let flags = need!(r.u8());
-        check_flags(flags)?;
+        check_flags(flags & !FLAG_EARLY_RESEND)?;
         let token = SessionToken(need!(r.array::<TOKEN_LEN>()));
         let data_read = need!(r.u64());
         let data_written = need!(r.u64());
+        let resend_from = if flags & FLAG_EARLY_RESEND != 0 {
+            Some(need!(r.u64()))
+        } else {
+            None
+        };
         Ok(Some(ReconnectRequest {
             oob_inline: flags & FLAG_OOB_INLINE != 0,
             token,
             data_read,
             data_written,
+            resend_from,
         }))
     }
 }

@@ -123,6 +123,7 @@ fn max_handshake_message_bounds_every_client_message() {
         token: token(),
         data_read: u64::MAX,
         data_written: u64::MAX,
+        resend_from: None,
     });
     let sizes = [
         enc(|o| greeting.encode(o)).len(),
@@ -542,6 +543,7 @@ fn reconnect() -> Request {
         token: token(),
         data_read: 4096,
         data_written: 7,
+        resend_from: None,
     })
 }
 
@@ -1255,6 +1257,7 @@ fn probe_frames() {
         token: token(),
         data_read: 1,
         data_written: 2,
+        resend_from: None,
     });
     rc.encode(&mut both);
     assert_eq!(
@@ -1271,4 +1274,33 @@ fn probe_frames() {
         Err(DecodeError::UnknownFrame(1))
     );
     assert_eq!(StandbyFrame::decode(&[]), Ok(None));
+}
+
+#[test]
+fn reconnect_with_early_resend() {
+    let rc = ReconnectRequest {
+        oob_inline: true,
+        token: token(),
+        data_read: 10,
+        data_written: 20,
+        resend_from: Some(15),
+    };
+    let bytes = enc(|o| Request::Reconnect(rc).encode(o));
+    assert_eq!(bytes.len(), 45);
+    assert_eq!(bytes[4], 0x03, "FLAGS: OOB_INLINE | EARLY_RESEND");
+    assert_eq!(&bytes[37..], &15u64.to_be_bytes());
+    assert_eq!(
+        Request::decode(&bytes),
+        Ok(Some((Request::Reconnect(rc), 45)))
+    );
+    assert_eq!(Request::decode(&bytes[..44]), Ok(None));
+    // The bit is RECONNECT's only: MSOCKS CONNECT still refuses it.
+    assert_eq!(
+        MobilityOptions::decode(&[0x01, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+        Err(DecodeError::ReservedFlags(0x02))
+    );
+    // Higher bits stay reserved in RECONNECT.
+    let mut bad = bytes.clone();
+    bad[4] = 0x07;
+    assert_eq!(Request::decode(&bad), Err(DecodeError::ReservedFlags(0x04)));
 }

@@ -21,7 +21,7 @@ mod common;
 use std::fmt::Debug;
 
 use common::*;
-use msocks_proto::mobility::{MAX_REQUEST_TRAILER, RECONNECT_BODY_LEN};
+use msocks_proto::mobility::{MAX_REQUEST_TRAILER, RECONNECT_BODY_LEN, RECONNECT_EARLY_BODY_LEN};
 use msocks_proto::{
     Command, ConnectionId, Decoded, Greeting, MethodSelection, MobilityOptions, OpenRequest,
     ProxyFrame, Reply, ReplyContext, ReplyExtension, Request, ResumeCounters, StandbyFrame,
@@ -120,6 +120,7 @@ proptest! {
                 3 + open.target.encoded_len()
                     + if open.mobility.is_some() { MAX_REQUEST_TRAILER } else { 0 }
             }
+            Request::Reconnect(rc) if rc.resend_from.is_some() => 3 + RECONNECT_EARLY_BODY_LEN,
             Request::Reconnect(_) => 3 + RECONNECT_BODY_LEN,
             Request::Standby => 5,
         };
@@ -256,7 +257,8 @@ proptest! {
         let r = Request::Reconnect(rc);
         let bytes = check_roundtrip(&r, Request::encode, Request::decode, &extra)?;
         let body = encoded(|o| rc.encode_body(o));
-        prop_assert_eq!(body.len(), RECONNECT_BODY_LEN);
+        let want = if rc.resend_from.is_some() { RECONNECT_EARLY_BODY_LEN } else { RECONNECT_BODY_LEN };
+        prop_assert_eq!(body.len(), want);
         prop_assert_eq!(&bytes[3..], &body[..]);
     }
 

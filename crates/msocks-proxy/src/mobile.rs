@@ -115,6 +115,9 @@ pub(crate) struct MobileEngine<'a> {
     up_pending: Vec<u8>,
     up_pending_pos: usize,
     up_received: u64,
+    /// Bytes still to discard from the front of the mobile-side stream: the part of an
+    /// early resend (PROTOCOL.md 3.7.1) that the proxy had received already.
+    up_skip: u64,
     client_eof: bool,
     up_fin_sent: bool,
     parked_since: Option<Instant>,
@@ -152,6 +155,7 @@ impl<'a> MobileEngine<'a> {
             up_pending: early.to_vec(),
             up_pending_pos: 0,
             up_received: early.len() as u64,
+            up_skip: 0,
             client_eof: false,
             up_fin_sent: false,
             parked_since: None,
@@ -388,14 +392,20 @@ impl<'a> MobileEngine<'a> {
         match p.stream.try_read(&mut self.read_buf) {
             Ok(0) => self.client_eof = true,
             Ok(n) => {
-                if urgent {
+                self.last_activity = Instant::now();
+                let skip = self.up_skip.min(n as u64) as usize;
+                self.up_skip -= skip as u64;
+                if skip == n {
+                    return;
+                }
+                // An urgent mark on a skipped byte was recorded when the byte first came.
+                if urgent && skip == 0 {
                     self.urgent_up.push_back(self.up_received);
                 }
                 self.up_pending.clear();
-                self.up_pending.extend_from_slice(&self.read_buf[..n]);
+                self.up_pending.extend_from_slice(&self.read_buf[skip..n]);
                 self.up_pending_pos = 0;
-                self.up_received += n as u64;
-                self.last_activity = Instant::now();
+                self.up_received += (n - skip) as u64;
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => self.park(&format!("read failed: {e}")),
@@ -469,6 +479,28 @@ impl<'a> MobileEngine<'a> {
                 return;
             }
         };
+        // Early resend: the new connection's bytes start at RESEND_FROM, which must not lie
+        // beyond what the proxy has (that would leave a hole) nor further back than a
+        // client can keep.
+        let skip = match a.resend_from {
+            None => 0,
+            Some(from) => {
+                let from = offset(from, self.options.write_origin);
+                let written = offset(a.data_written, self.options.write_origin);
+                if from > self.up_received
+                    || written < from
+                    || written - from > msocks_proto::resplice::MAX_RESPLICE_SPAN
+                {
+                    let _ =
+                        send_reply(&mut a.stream, &Reply::failure(ReplyCode::BadCounters)).await;
+                    warn!(session = self.client.id, from = %a.peer, resend_from = from, received = self.up_received, written,
+                        "RECONNECT refused: impossible RESEND_FROM (0x81); session unchanged");
+                    let _ = a.done.send(Err("impossible RESEND_FROM".into()));
+                    return;
+                }
+                self.up_received - from
+            }
+        };
         let bound = self
             .server
             .local_addr()
@@ -505,6 +537,18 @@ impl<'a> MobileEngine<'a> {
         self.parked_since = None;
         self.last_activity = Instant::now();
         self.moves += 1;
+        // What arrived with the request is the start of the early resend.
+        self.up_skip = skip;
+        let early_skip = self.up_skip.min(a.early.len() as u64) as usize;
+        self.up_skip -= early_skip as u64;
+        if early_skip < a.early.len() {
+            if self.up_pending_pos > 0 {
+                self.up_pending.drain(..self.up_pending_pos);
+                self.up_pending_pos = 0;
+            }
+            self.up_pending.extend_from_slice(&a.early[early_skip..]);
+            self.up_received += (a.early.len() - early_skip) as u64;
+        }
         let summary = format!(
             "resumed at {} (from {old_peer} to {}): data_salvage={} data_write={} moves={}",
             splice.resume_down_at,

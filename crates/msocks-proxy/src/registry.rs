@@ -15,6 +15,11 @@ pub(crate) struct Attach {
     /// The client's counters.
     pub(crate) data_read: u64,
     pub(crate) data_written: u64,
+    /// Early resend: the client's bytes from this write-space position follow the request
+    /// without waiting for the reply (PROTOCOL.md 3.7.1).
+    pub(crate) resend_from: Option<u64>,
+    /// Bytes that arrived with the request (the start of an early resend).
+    pub(crate) early: Vec<u8>,
     /// The client receives urgent data inline from now on (RECONNECT's FLAGS bit 0).
     pub(crate) oob_inline: bool,
     /// For log lines.

@@ -240,14 +240,15 @@ pub(crate) async fn serve(
     let open = match request {
         Request::Open(open) if open.mobility.is_none() || shared.config.mobility.enabled => open,
         Request::Reconnect(rc) if shared.config.mobility.enabled => {
-            if !reader.leftover().is_empty() {
-                // Nothing may follow a RECONNECT before its reply: the client cannot know
-                // yet what to rewrite.
+            if rc.resend_from.is_none() && !reader.leftover().is_empty() {
+                // Nothing may follow a plain RECONNECT before its reply: the client cannot
+                // know yet what to rewrite. (With early resend, its bytes follow at once.)
                 let _ = send_reply(&mut stream, &Reply::failure(ReplyCode::GeneralFailure)).await;
                 info!(session = id, client = %peer, "RECONNECT refused: data sent before the reply");
                 return;
             }
-            return reconnect(&shared, stream, &client, rc).await;
+            let early = reader.leftover().to_vec();
+            return reconnect(&shared, stream, &client, rc, early).await;
         }
         Request::Open(_) | Request::Reconnect(_) | Request::Standby => {
             // Mobility is switched off in the config; clients can fall back to plain SOCKS5.
@@ -594,12 +595,15 @@ async fn reconnect(
     stream: TcpStream,
     client: &Client,
     rc: msocks_proto::ReconnectRequest,
+    early: Vec<u8>,
 ) {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let attach = crate::registry::Attach {
         stream,
         data_read: rc.data_read,
         data_written: rc.data_written,
+        resend_from: rc.resend_from,
+        early,
         oob_inline: rc.oob_inline,
         peer: client.peer,
         done: done_tx,

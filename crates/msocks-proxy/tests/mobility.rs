@@ -119,6 +119,7 @@ async fn reconnect(
         token: id.token,
         data_read,
         data_written,
+        resend_from: None,
     })
     .encode(&mut out);
     s.write_all(&out).await.unwrap();
@@ -594,6 +595,7 @@ async fn out_of_band_clients_counters_are_translated_fig_iii_b6() {
         token: id.token,
         data_read: origin.wrapping_add(3),
         data_written: 0,
+        resend_from: None,
     })
     .encode(&mut rc);
     let mut new = greet(proxy, None).await;
@@ -758,6 +760,7 @@ async fn standby_answers_pings_then_carries_a_reconnect() {
         token: id.token,
         data_read: 5_000,
         data_written: 5_000,
+        resend_from: None,
     })
     .encode(&mut out);
     warm.write_all(&out).await.unwrap();
@@ -851,4 +854,117 @@ async fn standby_bad_frames_and_silence_close_it() {
     ));
     assert!(started.elapsed() < Duration::from_secs(5));
     ping(&mut busy, 99).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Early resend (PROTOCOL.md 3.7.1)
+// ---------------------------------------------------------------------------------------------
+
+/// RECONNECT with RESEND_FROM, and `early` written in the same segment, before the reply.
+async fn reconnect_early(
+    proxy: SocketAddr,
+    id: &ConnectionId,
+    data_read: u64,
+    data_written: u64,
+    resend_from: u64,
+    early: &[u8],
+) -> (TcpStream, Reply) {
+    let mut s = greet(SocketAddr::new(proxy.ip(), id.home.port()), None).await;
+    let mut out = Vec::new();
+    Request::Reconnect(ReconnectRequest {
+        oob_inline: true,
+        token: id.token,
+        data_read,
+        data_written,
+        resend_from: Some(resend_from),
+    })
+    .encode(&mut out);
+    out.extend_from_slice(early);
+    s.write_all(&out).await.unwrap();
+    let r = read_reply(&mut s, ReplyContext::Reconnect).await;
+    (s, r)
+}
+
+#[tokio::test]
+async fn early_resend_skips_what_the_proxy_has_and_forwards_the_rest() {
+    let proxy = start_proxy(ProxyConfig::default(), None).await;
+    let (echo, conns) = echo_server().await;
+    let opts = MobilityOptions {
+        oob_inline: true,
+        read_origin: 0,
+        // Counters cross 2^64 during the test.
+        write_origin: u64::MAX - 4_000,
+    };
+    let (mut old, id) = mconnect(proxy, echo, opts, None).await;
+    let all = pattern(20_000, 9);
+    old.write_all(&all[..10_000]).await.unwrap();
+    let mut back = vec![0u8; 10_000];
+    old.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, &all[..10_000]);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The client resends from 7,000 (what it knows the proxy has) up to 10,000, then goes on
+    // with 5,000 new bytes, all before the reply.
+    let w = opts.write_origin;
+    let (mut new, reply) = reconnect_early(
+        proxy,
+        &id,
+        10_000,
+        w.wrapping_add(10_000),
+        w.wrapping_add(7_000),
+        &all[7_000..15_000],
+    )
+    .await;
+    assert_eq!(
+        resume(&reply),
+        ResumeCounters {
+            data_write: 0,
+            data_salvage: 0
+        }
+    );
+    // The echo returns only the new bytes: the 3,000 resent ones were dropped as duplicates.
+    let mut got = vec![0u8; 5_000];
+    tokio::time::timeout(T, new.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, &all[10_000..15_000]);
+    new.write_all(&all[15_000..]).await.unwrap();
+    let mut got = vec![0u8; 5_000];
+    tokio::time::timeout(T, new.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, &all[15_000..]);
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn early_resend_from_beyond_what_the_proxy_has_is_refused() {
+    let proxy = start_proxy(ProxyConfig::default(), None).await;
+    let (echo, _) = echo_server().await;
+    let (mut old, id) = mconnect(proxy, echo, MobilityOptions::default(), None).await;
+    let a = pattern(4_000, 2);
+    old.write_all(&a).await.unwrap();
+    let mut back = vec![0u8; a.len()];
+    old.read_exact(&mut back).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // RESEND_FROM 5,000 > the 4,000 received: a hole.
+    let (_, reply) = reconnect_early(proxy, &id, 4_000, 6_000, 5_000, &[0u8; 1_000]).await;
+    assert_eq!(reply.code, ReplyCode::BadCounters);
+    // The session is intact: a correct RECONNECT still works.
+    let (mut new, reply) = reconnect(proxy, &id, 4_000, 4_000, None).await;
+    assert_eq!(
+        resume(&reply),
+        ResumeCounters {
+            data_write: 0,
+            data_salvage: 0
+        }
+    );
+    new.write_all(b"still here").await.unwrap();
+    let mut got = [0u8; 10];
+    tokio::time::timeout(T, new.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got, b"still here");
 }

@@ -114,13 +114,20 @@ pub fn resume_counters() -> BoxedStrategy<ResumeCounters> {
 }
 
 pub fn reconnect_request() -> BoxedStrategy<ReconnectRequest> {
-    (any::<bool>(), session_token(), counter(), counter())
+    (
+        any::<bool>(),
+        session_token(),
+        counter(),
+        counter(),
+        proptest::option::of(counter()),
+    )
         .prop_map(
-            |(oob_inline, token, data_read, data_written)| ReconnectRequest {
+            |(oob_inline, token, data_read, data_written, resend_from)| ReconnectRequest {
                 oob_inline,
                 token,
                 data_read,
                 data_written,
+                resend_from,
             },
         )
         .boxed()
