@@ -781,7 +781,7 @@ async fn run_row_inner(row: Row, env: &Env) -> Result<(), String> {
             }
         }
         Row::UnknownCommand => {
-            for cmd in [0x04u8, 0x00, 0x80, 0x84, 0xFF] {
+            for cmd in [0x04u8, 0x00, 0x80, 0x85, 0xFF] {
                 let mut bytes = connect_to(env.echo);
                 bytes[1] = cmd;
                 let mut s = open_negotiated(env).await?;
