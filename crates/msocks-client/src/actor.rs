@@ -32,12 +32,14 @@ use msocks_proto::resplice::MAX_RESPLICE_SPAN;
 use msocks_proto::ConnectionId;
 use socket2::SockRef;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{MobileConfig, ProxyPath};
 use crate::handshake::{
-    self, open_socket, reconnect_on, Handshake, Opened, ReconnectParams, Resumed, SocketOptions,
+    self, open_socket, reconnect_on, EarlyResend, Handshake, Opened, ReconnectParams, Resumed,
+    ResumedStream, SocketOptions,
 };
 use crate::ring::Ring;
 use crate::standby::Standby;
@@ -72,6 +74,22 @@ struct FirstAttempt {
     /// The handshake buffer of a standby connection (already authenticated); `None` for a
     /// fresh connection.
     warm: Option<Handshake>,
+    /// Set by `begin_resume`: the resend to send behind the RECONNECT.
+    early: Option<EarlyResend>,
+}
+
+/// An early resend under way (PROTOCOL.md 3.7.1): the RECONNECT went out with the resend
+/// behind it, and new application bytes go to the new connection before the reply.
+struct EarlyState {
+    /// The new connection's write half, once the attempt handed it over.
+    writer: Option<OwnedWriteHalf>,
+    writer_rx: Option<oneshot::Receiver<OwnedWriteHalf>>,
+    /// Every byte from here on is unconfirmed until the reply: the ring must keep them.
+    resend_from: u64,
+    /// `data_written` when the old connection was frozen.
+    frozen_written: u64,
+    /// A write on the new connection failed; wait for the attempt's verdict.
+    broken: bool,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -159,6 +177,9 @@ struct ResumeFailure {
     /// The proxy refused the new connection before it could read RECONNECT, so the old
     /// connection is still attached and may be used again.
     old_intact: bool,
+    /// An attempt with an early resend failed in a way worth retrying: the task retries
+    /// with its current counters (bytes were written meanwhile), without early resend.
+    fresh_retry: bool,
 }
 
 enum Event {
@@ -171,6 +192,8 @@ enum Event {
     Control(Option<ControlCommand>),
     Connected(Result<(TcpStream, Duration), Error>),
     Resumed(Result<ResumeOk, ResumeFailure>),
+    EarlyWriter(Result<OwnedWriteHalf, oneshot::error::RecvError>),
+    EarlyWritable(io::Result<()>),
 }
 
 struct Actor {
@@ -210,6 +233,7 @@ struct Actor {
     pending: Option<PendingMove>,
     connecting: Option<BoxFuture<Result<(TcpStream, Duration), Error>>>,
     resuming: Option<BoxFuture<Result<ResumeOk, ResumeFailure>>>,
+    early: Option<EarlyState>,
 }
 
 /// Starts the task for a freshly opened session and returns the application's end.
@@ -267,6 +291,7 @@ pub(crate) fn spawn(opened: Opened, cfg: MobileConfig) -> Result<MobileStream, E
         pending: None,
         connecting: None,
         resuming: None,
+        early: None,
     };
     tokio::spawn(actor.run());
     let control = MobileControl {
@@ -366,6 +391,12 @@ impl Actor {
         let want_alive = !self.app_gone;
         let want_connecting = self.connecting.is_some();
         let want_resuming = self.resuming.is_some();
+        let want_early_writer = self.early.as_ref().is_some_and(|e| e.writer_rx.is_some());
+        let want_early_write = !self.up.is_empty()
+            && self
+                .early
+                .as_ref()
+                .is_some_and(|e| e.writer.is_some() && !e.broken && self.early_room(e) > 0);
         let Actor {
             conn,
             app_r,
@@ -376,10 +407,17 @@ impl Actor {
             control,
             connecting,
             resuming,
+            early,
             ..
         } = self;
         let stream = &conn.stream;
+        let (early_rx, early_w) = match early {
+            Some(e) => (e.writer_rx.as_mut(), e.writer.as_ref()),
+            None => (None, None),
+        };
         tokio::select! {
+            r = async { match early_rx { Some(rx) => rx.await, None => std::future::pending().await } }, if want_early_writer => Event::EarlyWriter(r),
+            r = async { match early_w { Some(w) => w.writable().await, None => std::future::pending().await } }, if want_early_write => Event::EarlyWritable(r),
             r = stream.readable(), if want_sock_read => Event::SockReadable(r),
             r = stream.writable(), if want_sock_write => Event::SockWritable(r),
             () = tokio::time::sleep(WINDOW_POLL), if want_window_poll => Event::WindowPoll,
@@ -434,6 +472,26 @@ impl Actor {
             Event::Resumed(result) => {
                 self.resuming = None;
                 self.on_resumed(result).await
+            }
+            Event::EarlyWriter(r) => {
+                if let Some(e) = self.early.as_mut() {
+                    e.writer_rx = None;
+                    match r {
+                        Ok(w) => e.writer = Some(w),
+                        Err(_) => e.broken = true,
+                    }
+                }
+                Ok(())
+            }
+            Event::EarlyWritable(Ok(())) => {
+                self.write_early();
+                Ok(())
+            }
+            Event::EarlyWritable(Err(_)) => {
+                if let Some(e) = self.early.as_mut() {
+                    e.broken = true;
+                }
+                Ok(())
             }
         }
     }
@@ -515,6 +573,70 @@ impl Actor {
         }
     }
 
+    /// Bytes the application may still write during an early resend: every byte since
+    /// RESEND_FROM is unconfirmed until the reply, and the ring must still hold them all.
+    fn early_room(&self, e: &EarlyState) -> usize {
+        let unconfirmed = self.data_written.wrapping_sub(e.resend_from);
+        usize::try_from(unconfirmed)
+            .map(|u| self.ring.capacity().saturating_sub(u))
+            .unwrap_or(0)
+    }
+
+    /// Writes application bytes into the new connection before its RECONNECT reply.
+    fn write_early(&mut self) {
+        let room = match self.early.as_ref() {
+            Some(e) => self.early_room(e),
+            None => return,
+        };
+        let Some(e) = self.early.as_mut() else { return };
+        let Some(w) = e.writer.as_ref() else { return };
+        let pending = self.up.chunk();
+        let chunk = &pending[..pending.len().min(room)];
+        if chunk.is_empty() {
+            return;
+        }
+        match w.try_write(chunk) {
+            Ok(n) => {
+                self.ring.push(&chunk[..n]);
+                self.data_written = self.data_written.wrapping_add(n as u64);
+                self.up.advance(n);
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+            // The attempt itself will fail or succeed; either way its verdict decides.
+            Err(_) => e.broken = true,
+        }
+    }
+
+    /// Sets up an early resend for a RECONNECT about to go out on a new connection, if the
+    /// old socket says how much of it the proxy's TCP acknowledged (Linux `SIOCOUTQ`) and the
+    /// ring still holds everything after that point.
+    fn prepare_early(&mut self) -> Option<EarlyResend> {
+        if !self.cfg.early_resend || !cfg!(target_os = "linux") {
+            return None;
+        }
+        let outq = sys::unacked_bytes(&self.conn.stream).ok()? as u64;
+        // Pending rewrite bytes are counted in `data_written` but not yet in the socket.
+        let pending = self.rewrite.chunk().len() as u64;
+        let old_end = self.data_written.wrapping_sub(pending);
+        let resend_from = old_end.wrapping_sub(outq);
+        let n = usize::try_from(self.data_written.wrapping_sub(resend_from)).ok()?;
+        let bytes = self.ring.last(n)?;
+        let (writer, writer_rx) = oneshot::channel();
+        self.rewrite.clear();
+        self.early = Some(EarlyState {
+            writer: None,
+            writer_rx: Some(writer_rx),
+            resend_from,
+            frozen_written: old_end,
+            broken: false,
+        });
+        Some(EarlyResend {
+            resend_from,
+            bytes,
+            writer,
+        })
+    }
+
     /// The current connection failed: reconnect automatically (or fail the stream).
     fn conn_failed(&mut self, err: io::Error) -> Result<(), Error> {
         if self.conn.failed {
@@ -578,6 +700,7 @@ impl Actor {
                 path,
                 connect_time: Duration::ZERO,
                 warm: Some(standby.hs),
+                early: None,
             };
             self.begin_resume(Some(first), paths);
             return;
@@ -611,6 +734,7 @@ impl Actor {
                     path: target,
                     connect_time,
                     warm: None,
+                    early: None,
                 };
                 self.begin_resume(Some(first), paths);
                 Ok(())
@@ -642,9 +766,13 @@ impl Actor {
     }
 
     /// Freezes the current connection and sends RECONNECT with the now-final counters.
-    fn begin_resume(&mut self, first: Option<FirstAttempt>, paths: Vec<ProxyPath>) {
+    fn begin_resume(&mut self, mut first: Option<FirstAttempt>, paths: Vec<ProxyPath>) {
         self.conn.frozen = true;
         self.window_blocked = false;
+        self.early = None;
+        if let Some(f) = first.as_mut() {
+            f.early = self.prepare_early();
+        }
         let params = ReconnectParams {
             id: self.id,
             oob_inline: self.cfg.oob_inline,
@@ -670,11 +798,42 @@ impl Actor {
                     error = %failure.error,
                     "the proxy refused the new connection before RECONNECT; the stream stays on its path"
                 );
+                if let Some(e) = self.early.take() {
+                    // The old connection carries on from where it stopped: what was pending
+                    // for it, and what the application wrote into the refused one, go out
+                    // on it again, from the ring.
+                    let n = self.data_written.wrapping_sub(e.frozen_written);
+                    let bytes = usize::try_from(n)
+                        .ok()
+                        .and_then(|n| self.ring.last(n))
+                        .ok_or(Error::RewriteTooLarge {
+                            requested: n,
+                            available: self.ring.len() as u64,
+                        })?;
+                    self.rewrite = Buf::from_vec(bytes);
+                }
                 self.conn.frozen = false;
                 if let Some(reply) = self.pending.take().and_then(|p| p.reply) {
                     let _ = reply.send(Err(failure.error));
                 }
                 self.set_state(StreamState::Connected);
+                Ok(())
+            }
+            Err(failure) if failure.fresh_retry => {
+                // Bytes were written after the first attempt's counters: try again with the
+                // current ones, the usual way (rewriting after the reply).
+                tracing::debug!(token = %self.id.token, error = %failure.error, "early-resend attempt failed; retrying");
+                self.early = None;
+                let target = self.pending.as_ref().and_then(|p| p.target.clone());
+                let mut paths: Vec<ProxyPath> = target.clone().into_iter().collect();
+                paths.extend(
+                    self.cfg
+                        .paths
+                        .iter()
+                        .filter(|p| Some(*p) != target.as_ref())
+                        .cloned(),
+                );
+                self.begin_resume(None, paths);
                 Ok(())
             }
             Err(failure) => Err(failure.error),
@@ -694,14 +853,20 @@ impl Actor {
         if counters.data_salvage > 0 {
             self.salvage(counters.data_salvage).await?;
         }
+        let early = self.early.take();
         let available = self.ring.len();
-        let rewrite = usize::try_from(counters.data_write)
-            .ok()
-            .and_then(|n| self.ring.last(n))
-            .ok_or(Error::RewriteTooLarge {
-                requested: counters.data_write,
-                available: available as u64,
-            })?;
+        let rewrite = if early.is_some() {
+            // The resend went out behind the RECONNECT; the proxy skipped what it had.
+            Vec::new()
+        } else {
+            usize::try_from(counters.data_write)
+                .ok()
+                .and_then(|n| self.ring.last(n))
+                .ok_or(Error::RewriteTooLarge {
+                    requested: counters.data_write,
+                    available: available as u64,
+                })?
+        };
         let Resumed {
             stream,
             path,
@@ -710,6 +875,21 @@ impl Actor {
             connect_time,
             ..
         } = resumed;
+        let stream = match stream {
+            ResumedStream::Whole(s) => s,
+            ResumedStream::Read(rd) => {
+                let writer = early.and_then(|mut e| {
+                    e.writer
+                        .take()
+                        .or_else(|| e.writer_rx.as_mut().and_then(|rx| rx.try_recv().ok()))
+                });
+                let Some(wr) = writer else {
+                    return Err(Error::Protocol("internal: early resend without its writer"));
+                };
+                rd.reunite(wr)
+                    .map_err(|_| Error::Protocol("internal: early resend halves of two sockets"))?
+            }
+        };
         let old = std::mem::replace(&mut self.conn, Conn::new(stream, path));
         // Closing the old socket discards whatever it still holds beyond the salvage; the
         // proxy resends those bytes on the new connection.
@@ -859,16 +1039,19 @@ async fn resume(
             last: Box::new(last.unwrap_or(Error::Timeout("reconnection"))),
         },
         old_intact: false,
+        fresh_retry: false,
     };
     if let Some(FirstAttempt {
         stream,
         path,
         connect_time,
         warm,
+        early,
     }) = first
     {
         attempts += 1;
-        let attempt = reconnect_on(stream, &path, &params, &cfg, connect_time, warm);
+        let had_early = early.is_some();
+        let attempt = reconnect_on(stream, &path, &params, &cfg, connect_time, warm, early);
         let result = match tokio::time::timeout(cfg.handshake_timeout, attempt).await {
             Ok(result) => result,
             Err(_) => Err(Error::Timeout("RECONNECT")),
@@ -876,6 +1059,13 @@ async fn resume(
         match result {
             Ok(resumed) => return Ok(ResumeOk { resumed, attempts }),
             Err(error) => match classify(&error) {
+                Verdict::Retry if had_early => {
+                    return Err(ResumeFailure {
+                        error,
+                        old_intact: false,
+                        fresh_retry: true,
+                    })
+                }
                 Verdict::Retry => {
                     tracing::debug!(token = %params.id.token, %path, %error, "RECONNECT attempt failed; retrying");
                     last = Some(error);
@@ -884,12 +1074,14 @@ async fn resume(
                     return Err(ResumeFailure {
                         error,
                         old_intact: true,
+                        fresh_retry: false,
                     })
                 }
                 Verdict::Fatal => {
                     return Err(ResumeFailure {
                         error,
                         old_intact: false,
+                        fresh_retry: false,
                     })
                 }
             },
@@ -909,7 +1101,7 @@ async fn resume(
                 let connect_time = started.elapsed();
                 match tokio::time::timeout(
                     cfg.handshake_timeout,
-                    reconnect_on(stream, path, &params, &cfg, connect_time, None),
+                    reconnect_on(stream, path, &params, &cfg, connect_time, None, None),
                 )
                 .await
                 {
@@ -931,6 +1123,7 @@ async fn resume(
                         return Err(ResumeFailure {
                             error,
                             old_intact: false,
+                            fresh_retry: false,
                         })
                     }
                 },

@@ -194,6 +194,11 @@ pub struct MobileConfig {
     /// Capacity in bytes of each direction of the in-process pipe between the application
     /// and the stream's task.
     pub pipe_capacity: usize,
+    /// Early resend on migrations (PROTOCOL.md 3.7.1): the bytes the proxy may lack follow
+    /// the RECONNECT at once, and new bytes flow before its reply, so the direction towards
+    /// the server resumes half a round trip after the RECONNECT leaves instead of one and a
+    /// half. Needs Linux (the old socket's `SIOCOUTQ`); elsewhere it is not used.
+    pub early_resend: bool,
 }
 
 impl MobileConfig {
@@ -216,6 +221,7 @@ impl MobileConfig {
             tcp_user_timeout: Some(Duration::from_secs(30)),
             auto_reconnect: true,
             pipe_capacity: 64 * 1024,
+            early_resend: true,
         }
     }
 

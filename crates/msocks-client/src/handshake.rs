@@ -15,7 +15,9 @@ use msocks_proto::{
 };
 use socket2::SockRef;
 use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::oneshot;
 
 use crate::config::{MobileConfig, ProxyPath};
 use crate::Error;
@@ -36,9 +38,9 @@ impl Handshake {
     }
 
     /// Reads until `decode` accepts a whole message at the front of the buffer.
-    pub(crate) async fn recv<T>(
+    pub(crate) async fn recv<T, S: SockRead>(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut S,
         during: &'static str,
         decode: impl Fn(&[u8]) -> Decoded<T>,
     ) -> Result<T, Error> {
@@ -79,13 +81,40 @@ impl Handshake {
 /// everything behind it would wait for the next segment to arrive: forever on an old socket
 /// being salvaged (the move fails), or until the server sends again after a reply that was
 /// followed by urgent data. `try_read` clears readiness only on `WouldBlock`.
-pub(crate) async fn read_some(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+pub(crate) async fn read_some<S: SockRead>(stream: &S, buf: &mut [u8]) -> std::io::Result<usize> {
     loop {
         stream.readable().await?;
         match stream.try_read(buf) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             result => return result,
         }
+    }
+}
+
+/// The reading side of a connection to the proxy: a whole `TcpStream`, or the read half of
+/// one whose write half the stream's task is using (during an early resend).
+pub(crate) trait SockRead {
+    /// Waits until the socket may be readable.
+    fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+    /// Reads without waiting.
+    fn try_read(&self, buf: &mut [u8]) -> std::io::Result<usize>;
+}
+
+impl SockRead for TcpStream {
+    fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
+        TcpStream::readable(self)
+    }
+    fn try_read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        TcpStream::try_read(self, buf)
+    }
+}
+
+impl SockRead for OwnedReadHalf {
+    fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
+        OwnedReadHalf::readable(self)
+    }
+    fn try_read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        OwnedReadHalf::try_read(self, buf)
     }
 }
 
@@ -175,9 +204,9 @@ pub(crate) fn encode_auth(out: &mut Vec<u8>, cfg: &MobileConfig) {
 }
 
 /// Reads the method selection and, with credentials, the RFC 1929 verdict.
-pub(crate) async fn finish_auth(
+pub(crate) async fn finish_auth<S: SockRead>(
     hs: &mut Handshake,
-    stream: &mut TcpStream,
+    stream: &mut S,
     cfg: &MobileConfig,
 ) -> Result<(), Error> {
     let selection = hs
@@ -370,9 +399,27 @@ pub(crate) struct ReconnectParams {
     pub(crate) data_written: u64,
 }
 
+/// An early resend (PROTOCOL.md 3.7.1) for one RECONNECT attempt: the bytes from
+/// `resend_from` up to `data_written` go out right behind the request, and the write half
+/// of the new connection is handed to the stream's task at once, so new application bytes
+/// follow them before the reply arrives.
+pub(crate) struct EarlyResend {
+    pub(crate) resend_from: u64,
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) writer: oneshot::Sender<OwnedWriteHalf>,
+}
+
+/// The new connection after a successful RECONNECT.
+pub(crate) enum ResumedStream {
+    /// The whole connection.
+    Whole(TcpStream),
+    /// Its read half; the stream's task holds the write half (early resend).
+    Read(OwnedReadHalf),
+}
+
 /// A successful RECONNECT: the new connection and what to do with the old one.
 pub(crate) struct Resumed {
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: ResumedStream,
     pub(crate) path: ProxyPath,
     pub(crate) counters: ResumeCounters,
     /// Stream bytes read together with the reply: the first bytes of the new connection.
@@ -383,10 +430,39 @@ pub(crate) struct Resumed {
     pub(crate) connect_time: Duration,
 }
 
+/// Reads the answers to greeting and credentials (unless `authenticated`: a standby
+/// connection, on which pongs may come first) and then the RECONNECT reply.
+async fn read_reconnect_reply<S: SockRead>(
+    hs: &mut Handshake,
+    stream: &mut S,
+    cfg: &MobileConfig,
+    authenticated: bool,
+) -> Result<Reply, Error> {
+    if !authenticated {
+        finish_auth(hs, stream, cfg).await?;
+        return hs
+            .recv(stream, "RECONNECT reply", |b| {
+                Reply::decode(b, ReplyContext::Reconnect)
+            })
+            .await;
+    }
+    loop {
+        let frame = hs
+            .recv(stream, "RECONNECT reply", |b| {
+                ProxyFrame::decode(b, ReplyContext::Reconnect)
+            })
+            .await?;
+        if let ProxyFrame::Reply(reply) = frame {
+            return Ok(reply);
+        }
+    }
+}
+
 /// Sends greeting, credentials and RECONNECT in one write on a fresh connection and reads
 /// the answers; on a standby connection (`warm`: its handshake buffer) only RECONNECT, and
 /// the answers to probes still in flight are skipped. The caller has stopped using the old
 /// socket already, so the counters are final.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn reconnect_on(
     mut stream: TcpStream,
     path: &ProxyPath,
@@ -394,6 +470,7 @@ pub(crate) async fn reconnect_on(
     cfg: &MobileConfig,
     connect_time: Duration,
     warm: Option<Handshake>,
+    early: Option<EarlyResend>,
 ) -> Result<Resumed, Error> {
     let mut out = Vec::with_capacity(600);
     if warm.is_none() {
@@ -404,37 +481,37 @@ pub(crate) async fn reconnect_on(
         token: params.id.token,
         data_read: params.data_read,
         data_written: params.data_written,
-        resend_from: None,
+        resend_from: early.as_ref().map(|e| e.resend_from),
     })
     .encode(&mut out);
     let sent = Instant::now();
+    // An early resend rides in the same write, right behind the request.
+    let writer = early.map(|e| {
+        out.extend_from_slice(&e.bytes);
+        e.writer
+    });
     stream
         .write_all(&out)
         .await
         .map_err(|e| Error::io("sending RECONNECT", e))?;
-    let reply = match warm {
-        None => {
-            let mut hs = Handshake::new();
-            finish_auth(&mut hs, &mut stream, cfg).await?;
-            let reply = hs
-                .recv(&mut stream, "RECONNECT reply", |b| {
-                    Reply::decode(b, ReplyContext::Reconnect)
-                })
-                .await?;
-            (reply, hs)
-        }
-        Some(mut hs) => loop {
-            let frame = hs
-                .recv(&mut stream, "RECONNECT reply", |b| {
-                    ProxyFrame::decode(b, ReplyContext::Reconnect)
-                })
-                .await?;
-            if let ProxyFrame::Reply(reply) = frame {
-                break (reply, hs);
+    let (mut reader, mut hs) = match writer {
+        None => (ResumedStream::Whole(stream), warm),
+        Some(writer) => {
+            let (rd, wr) = stream.into_split();
+            if writer.send(wr).is_err() {
+                return Err(Error::Protocol("internal: the stream's task went away"));
             }
-        },
+            (ResumedStream::Read(rd), warm)
+        }
     };
-    let (reply, hs) = reply;
+    let authenticated = hs.is_some();
+    let hs_ref = hs.get_or_insert_with(Handshake::new);
+    let reply = match &mut reader {
+        ResumedStream::Whole(s) => read_reconnect_reply(hs_ref, s, cfg, authenticated).await?,
+        ResumedStream::Read(r) => read_reconnect_reply(hs_ref, r, cfg, authenticated).await?,
+    };
+    let hs = hs.unwrap_or_else(Handshake::new);
+    let stream = reader;
     let counters = match (reply.code, reply.extension) {
         (ReplyCode::Succeeded, ReplyExtension::Resume(c)) => c,
         (ReplyCode::Succeeded, _) => {

@@ -427,15 +427,21 @@ impl<'a> MobileEngine<'a> {
                 // repeats the shutdown on the new connection (docs/PROTOCOL.md 3.7).
                 Ok(0) => return,
                 Ok(n) => {
-                    if urgent {
+                    // The rest of an early resend's duplicate prefix may still be here.
+                    let skip = self.up_skip.min(n as u64) as usize;
+                    self.up_skip -= skip as u64;
+                    if skip == n {
+                        continue;
+                    }
+                    if urgent && skip == 0 {
                         self.urgent_up.push_back(self.up_received);
                     }
                     if self.up_pending_pos > 0 {
                         self.up_pending.drain(..self.up_pending_pos);
                         self.up_pending_pos = 0;
                     }
-                    self.up_pending.extend_from_slice(&self.read_buf[..n]);
-                    self.up_received += n as u64;
+                    self.up_pending.extend_from_slice(&self.read_buf[skip..n]);
+                    self.up_received += (n - skip) as u64;
                 }
                 Err(_) => return,
             }

@@ -302,9 +302,12 @@ pub async fn wait_status(
     .await
 }
 
-/// A configuration for tests: one path, fast backoff, short limits.
+/// A configuration for tests: one path, fast backoff, short limits, and the plain RECONNECT
+/// of PROTOCOL.md 3.5–3.7 (the scripted proxy checks its exact bytes and counters; early
+/// resend is tested against the real proxy, on loopback and on the testbed).
 pub fn config(path: ProxyPath) -> MobileConfig {
     let mut cfg = MobileConfig::new(path);
+    cfg.early_resend = false;
     cfg.backoff_initial = Duration::from_millis(10);
     cfg.backoff_max = Duration::from_millis(50);
     cfg.reconnect_deadline = Duration::from_secs(5);
