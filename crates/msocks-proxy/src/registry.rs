@@ -86,17 +86,19 @@ impl Registry {
         token: &SessionToken,
         user: Option<&str>,
         attach: Attach,
-    ) -> Result<(), (LookupError, Attach)> {
+    ) -> Result<(), Box<(LookupError, Attach)>> {
         let map = self.lock();
         let Some(entry) = map.get(token) else {
-            return Err((LookupError::Unknown, attach));
+            return Err(Box::new((LookupError::Unknown, attach)));
         };
         if entry.owner.as_deref() != user {
-            return Err((LookupError::Unknown, attach));
+            return Err(Box::new((LookupError::Unknown, attach)));
         }
-        entry.attach.try_send(attach).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(a) => (LookupError::Busy, a),
-            mpsc::error::TrySendError::Closed(a) => (LookupError::Unknown, a),
+        entry.attach.try_send(attach).map_err(|e| {
+            Box::new(match e {
+                mpsc::error::TrySendError::Full(a) => (LookupError::Busy, a),
+                mpsc::error::TrySendError::Closed(a) => (LookupError::Unknown, a),
+            })
         })
     }
 

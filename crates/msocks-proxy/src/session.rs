@@ -623,7 +623,8 @@ async fn reconnect(
                 info!(session = client.id, client = %client.peer, token = %rc.token, "RECONNECT dropped: the session ended")
             }
         },
-        Err((why, returned)) => {
+        Err(refused) => {
+            let (why, returned) = *refused;
             let mut stream = returned.stream;
             let code = match why {
                 crate::registry::LookupError::Unknown => ReplyCode::UnknownSession,
