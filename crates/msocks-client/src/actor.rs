@@ -234,6 +234,8 @@ struct Actor {
     connecting: Option<BoxFuture<Result<(TcpStream, Duration), Error>>>,
     resuming: Option<BoxFuture<Result<ResumeOk, ResumeFailure>>>,
     early: Option<EarlyState>,
+    /// `data_read` and `data_written` in the RECONNECT being carried out.
+    resume_counters: (u64, u64),
 }
 
 /// Starts the task for a freshly opened session and returns the application's end.
@@ -292,6 +294,7 @@ pub(crate) fn spawn(opened: Opened, cfg: MobileConfig) -> Result<MobileStream, E
         connecting: None,
         resuming: None,
         early: None,
+        resume_counters: (0, 0),
     };
     tokio::spawn(actor.run());
     let control = MobileControl {
@@ -779,6 +782,7 @@ impl Actor {
             data_read: self.data_read,
             data_written: self.data_written,
         };
+        self.resume_counters = (params.data_read, params.data_written);
         tracing::debug!(
             token = %self.id.token,
             data_read = params.data_read,
@@ -924,6 +928,8 @@ impl Actor {
             duration: requested.elapsed(),
             connect_time,
             reply_time,
+            first_new_read: self.resume_counters.0.wrapping_add(counters.data_salvage),
+            first_new_written: self.resume_counters.1.wrapping_sub(counters.data_write),
         };
         tracing::info!(
             token = %self.id.token,

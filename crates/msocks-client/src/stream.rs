@@ -81,6 +81,14 @@ pub struct MoveReport {
     pub connect_time: Duration,
     /// From sending greeting and RECONNECT to having the reply, in the successful attempt.
     pub reply_time: Duration,
+    /// `data_read` position of the first server byte that comes over the new path: the
+    /// RECONNECT's DATA_READ plus `data_salvage` (everything before it came out of the old
+    /// socket).
+    pub first_new_read: u64,
+    /// `data_written` position of the first byte the proxy takes from the new path: the
+    /// RECONNECT's DATA_WRITTEN minus `data_write` (with an early resend, the bytes before
+    /// it were sent again but skipped by the proxy).
+    pub first_new_written: u64,
 }
 
 /// State shared between a stream's task and its handles.

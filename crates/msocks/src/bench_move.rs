@@ -13,16 +13,13 @@
 //! * **up**: from the `migrate()` call until the first byte the mobile application sent over
 //!   the new path reaches the server application.
 //!
-//! "Over the new path" is decided by stream offset, exactly: while the old connection is
-//! frozen for the RECONNECT, the library's published counters stop, and the boundary is
-//! * down: `data_read` at the freeze + `data_salvage` (the salvaged bytes came out of the old
-//!   socket; everything after them came over the new connection);
-//! * up: `data_written` at the freeze − `data_write` (the rewrite is sent again on the new
-//!   connection).
-//!
-//! The frozen counters are sampled from [`MobileControl::status`] by a thread that polls
-//! every 100 µs during the move; a move whose last `Moving` sample was not stable for at
-//! least [`MIN_FROZEN`] (i.e. the freeze was not seen) is counted as unmeasured.
+//! "Over the new path" is decided by stream offset, exactly, with the positions the
+//! library's [`MoveReport`] gives:
+//! * down: `first_new_read` = DATA_READ of the RECONNECT + `data_salvage` (the salvaged
+//!   bytes came out of the old socket; everything after them came over the new connection);
+//! * up: `first_new_written` = DATA_WRITTEN of the RECONNECT − `data_write` (the first byte
+//!   the proxy took from the new connection; with an early resend the bytes before it were
+//!   sent again and skipped by the proxy).
 //!
 //! Times are divided by the round-trip time of the link moved to, measured in the same run
 //! as the median TCP connect time from the mobile node to a listener on the proxy host over
@@ -36,9 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use msocks_client::{
-    MobileConfig, MobileControl, MobileStream, MoveReport, ProxyPath, Standby, StreamState,
-};
+use msocks_client::{MobileConfig, MobileStream, MoveReport, ProxyPath, Standby};
 use msocks_testbed::{Link, LinkDelay, Netns, Testbed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -80,11 +75,6 @@ const SERVER_PORT: u16 = 9000;
 const PROBE_PORT: u16 = 7;
 /// Bytes per record: sequence number and send time (ns since the run's epoch), both u64 LE.
 const RECORD: usize = 16;
-/// How often the status sampler looks at the stream during a move.
-const SAMPLE_EVERY: Duration = Duration::from_micros(100);
-/// A move's frozen counters must have been seen unchanged for this long; the old path
-/// delivers a record every `--record-interval`, so an unfrozen connection changes faster.
-const MIN_FROZEN: Duration = Duration::from_millis(3);
 /// Longest wait for a move's first new-path bytes.
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -163,9 +153,8 @@ pub fn run(args: &BenchMoveArgs) -> Result<()> {
     ensure!(args.moves > 0, "--moves must be at least 1");
     ensure!(args.rtt_samples > 0, "--rtt-samples must be at least 1");
     ensure!(
-        args.record_interval >= Duration::from_micros(100)
-            && args.record_interval * 3 <= MIN_FROZEN * 2,
-        "--record-interval must be between 100us and 2ms (the freeze detection relies on it)"
+        args.record_interval >= Duration::from_micros(100),
+        "--record-interval must be at least 100us"
     );
     let epoch = Instant::now();
     eprintln!("building the testbed…");
@@ -347,45 +336,6 @@ fn serve(
     Ok(())
 }
 
-/// A status sample taken during a move.
-#[derive(Debug, Clone, Copy)]
-struct Sample {
-    at: Instant,
-    data_read: u64,
-    data_written: u64,
-}
-
-/// Polls `control` every [`SAMPLE_EVERY`] until `done`, keeping the samples taken while
-/// the stream was moving.
-fn sample_status(control: MobileControl, done: Arc<AtomicBool>) -> Vec<Sample> {
-    let mut samples = Vec::new();
-    while !done.load(Ordering::Relaxed) {
-        let status = control.status();
-        if status.state == StreamState::Moving {
-            samples.push(Sample {
-                at: Instant::now(),
-                data_read: status.data_read,
-                data_written: status.data_written,
-            });
-        }
-        std::thread::sleep(SAMPLE_EVERY);
-    }
-    samples
-}
-
-/// The counters at the freeze: those of the last `Moving` sample, if they had not changed
-/// for at least [`MIN_FROZEN`] before it.
-fn frozen_counters(samples: &[Sample]) -> Option<(u64, u64)> {
-    let last = samples.last()?;
-    let key = (last.data_read, last.data_written);
-    let first_same = samples
-        .iter()
-        .rev()
-        .take_while(|s| (s.data_read, s.data_written) == key)
-        .last()?;
-    (last.at.duration_since(first_same.at) >= MIN_FROZEN).then_some(key)
-}
-
 /// The mobile node: opens the stream, runs its reader and writer, and makes the moves.
 async fn mover(
     tb: &Testbed,
@@ -439,25 +389,12 @@ async fn mover(
     tokio::time::sleep(args.settle.max(Duration::from_millis(500))).await;
     let mut on = Link::Wired;
     let mut trials = Vec::new();
-    let mut unmeasured = 0u32;
     let total = 2 * args.moves;
     while trials.len() < total as usize {
-        ensure!(
-            unmeasured <= total,
-            "{unmeasured} moves could not be measured (the freeze was not observed); is the machine overloaded?"
-        );
         let to = if on == Link::Wired {
             Link::Radio
         } else {
             Link::Wired
-        };
-        let done = Arc::new(AtomicBool::new(false));
-        let sampler = {
-            let (control, done) = (control.clone(), done.clone());
-            std::thread::Builder::new()
-                .name("status sampler".into())
-                .spawn(move || sample_status(control, done))
-                .context("starting the status sampler")?
         };
         let standby = if args.warm {
             let cfg = MobileConfig::new(path(to));
@@ -477,26 +414,11 @@ async fn mover(
             Some(s) => control.migrate_via(s).await,
             None => control.migrate(path(to)).await,
         };
-        done.store(true, Ordering::Relaxed);
-        let samples = sampler
-            .join()
-            .map_err(|_| anyhow::anyhow!("the status sampler panicked"))?;
         let report = result.with_context(|| format!("moving to {to:?}"))?;
         on = to;
-
-        let Some((data_read, data_written)) = frozen_counters(&samples) else {
-            unmeasured += 1;
-            eprintln!(
-                "move {} -> {}: the freeze was not observed; not counted",
-                name(report_from(&report, tb)),
-                name(to)
-            );
-            tokio::time::sleep(args.settle).await;
-            continue;
-        };
         // Offsets from the start of each direction (the origins are 0).
-        let down_boundary = data_read.wrapping_add(report.data_salvage);
-        let up_boundary = data_written.wrapping_sub(report.data_write);
+        let down_boundary = report.first_new_read;
+        let up_boundary = report.first_new_written;
         let deadline = Instant::now() + FIRST_BYTE_TIMEOUT;
         let (down_at, up_at, stamp) = loop {
             let (down_at, stamp) = {
@@ -546,9 +468,6 @@ async fn mover(
     stop.store(true, Ordering::Relaxed);
     writer.await.context("writer task")?.context("sending")?;
     reader.await.context("reader task")?.context("receiving")?;
-    if unmeasured > 0 {
-        eprintln!("{unmeasured} move(s) not measured and repeated");
-    }
     Ok(trials)
 }
 
@@ -722,21 +641,5 @@ mod tests {
         assert_eq!(log.arrival_of(48), None);
         log.record(&mut pending, &make_record(7, epoch), t1);
         assert!(log.error.is_some());
-    }
-
-    #[test]
-    fn freeze_needs_stable_counters() {
-        let t = Instant::now();
-        let at = |ms: u64| t + Duration::from_millis(ms);
-        let s = |ms, r, w| Sample {
-            at: at(ms),
-            data_read: r,
-            data_written: w,
-        };
-        assert_eq!(frozen_counters(&[]), None);
-        let moving = [s(0, 1, 1), s(1, 2, 2), s(2, 5, 5), s(4, 5, 5), s(6, 5, 5)];
-        assert_eq!(frozen_counters(&moving), Some((5, 5)));
-        let short = [s(0, 1, 1), s(1, 5, 5), s(2, 5, 5)];
-        assert_eq!(frozen_counters(&short), None);
     }
 }
