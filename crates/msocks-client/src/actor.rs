@@ -614,7 +614,12 @@ impl Actor {
     /// old socket says how much of it the proxy's TCP acknowledged (Linux `SIOCOUTQ`) and the
     /// ring still holds everything after that point.
     fn prepare_early(&mut self) -> Option<EarlyResend> {
-        if !self.cfg.early_resend || !cfg!(target_os = "linux") {
+        if !self.cfg.early_resend || !cfg!(target_os = "linux") || self.conn.failed {
+            return None;
+        }
+        // A reset purges the send queue, which would then claim every byte acknowledged:
+        // only a socket without a pending error tells the truth.
+        if !matches!(SockRef::from(&self.conn.stream).take_error(), Ok(None)) {
             return None;
         }
         let outq = sys::unacked_bytes(&self.conn.stream).ok()? as u64;
@@ -1065,6 +1070,15 @@ async fn resume(
         match result {
             Ok(resumed) => return Ok(ResumeOk { resumed, attempts }),
             Err(error) => match classify(&error) {
+                // 0x81 leaves the session as it was: should RESEND_FROM have been wrong, the
+                // plain RECONNECT (rewrite after the reply) still works.
+                _ if had_early && matches!(error, Error::BadCounters) => {
+                    return Err(ResumeFailure {
+                        error,
+                        old_intact: false,
+                        fresh_retry: true,
+                    })
+                }
                 Verdict::Retry if had_early => {
                     return Err(ResumeFailure {
                         error,
