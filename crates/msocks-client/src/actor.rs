@@ -236,6 +236,10 @@ struct Actor {
     early: Option<EarlyState>,
     /// `data_read` and `data_written` in the RECONNECT being carried out.
     resume_counters: (u64, u64),
+    /// The proxy refused FLAGS bit 1 (an older proxy): no more early resends.
+    early_unsupported: bool,
+    /// Attempts of this move before an early-resend attempt was retried the plain way.
+    prior_attempts: u32,
 }
 
 /// Starts the task for a freshly opened session and returns the application's end.
@@ -295,6 +299,8 @@ pub(crate) fn spawn(opened: Opened, cfg: MobileConfig) -> Result<MobileStream, E
         resuming: None,
         early: None,
         resume_counters: (0, 0),
+        early_unsupported: false,
+        prior_attempts: 0,
     };
     tokio::spawn(actor.run());
     let control = MobileControl {
@@ -614,7 +620,11 @@ impl Actor {
     /// old socket says how much of it the proxy's TCP acknowledged (Linux `SIOCOUTQ`) and the
     /// ring still holds everything after that point.
     fn prepare_early(&mut self) -> Option<EarlyResend> {
-        if !self.cfg.early_resend || !cfg!(target_os = "linux") || self.conn.failed {
+        if !self.cfg.early_resend
+            || self.early_unsupported
+            || !cfg!(target_os = "linux")
+            || self.conn.failed
+        {
             return None;
         }
         // A reset purges the send queue, which would then claim every byte acknowledged:
@@ -670,6 +680,7 @@ impl Actor {
 
     /// Reconnects over the configured paths, in order, after the connection failed.
     fn start_auto_reconnect(&mut self) {
+        self.prior_attempts = 0;
         self.pending = Some(PendingMove {
             target: None,
             requested: Instant::now(),
@@ -687,6 +698,7 @@ impl Actor {
             reply,
         } = command;
         tracing::debug!(token = %self.id.token, from = %self.conn.path, to = %path, warm = standby.is_some(), "migration requested");
+        self.prior_attempts = 0;
         if let Some(standby) = standby {
             let home = path.reconnect_target(self.id.home);
             if standby.proxy != home {
@@ -833,6 +845,10 @@ impl Actor {
                 // current ones, the usual way (rewriting after the reply).
                 tracing::debug!(token = %self.id.token, error = %failure.error, "early-resend attempt failed; retrying");
                 self.early = None;
+                self.prior_attempts += 1;
+                if matches!(failure.error, Error::MsocksVersionUnsupported) {
+                    self.early_unsupported = true;
+                }
                 let target = self.pending.as_ref().and_then(|p| p.target.clone());
                 let mut paths: Vec<ProxyPath> = target.clone().into_iter().collect();
                 paths.extend(
@@ -929,7 +945,7 @@ impl Actor {
             automatic: pending.as_ref().map_or(true, |p| p.target.is_none()),
             data_salvage: counters.data_salvage,
             data_write: counters.data_write,
-            attempts,
+            attempts: attempts + self.prior_attempts,
             duration: requested.elapsed(),
             connect_time,
             reply_time,
@@ -1070,9 +1086,12 @@ async fn resume(
         match result {
             Ok(resumed) => return Ok(ResumeOk { resumed, attempts }),
             Err(error) => match classify(&error) {
-                // 0x81 leaves the session as it was: should RESEND_FROM have been wrong, the
-                // plain RECONNECT (rewrite after the reply) still works.
-                _ if had_early && matches!(error, Error::BadCounters) => {
+                // 0x81 and 0x83 leave the session as it was: should RESEND_FROM have been
+                // wrong, or the proxy predate early resend, the plain RECONNECT (rewrite after
+                // the reply) still works.
+                _ if had_early
+                    && matches!(error, Error::BadCounters | Error::MsocksVersionUnsupported) =>
+                {
                     return Err(ResumeFailure {
                         error,
                         old_intact: false,

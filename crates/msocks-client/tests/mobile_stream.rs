@@ -963,3 +963,60 @@ async fn invalid_configurations_are_rejected() {
         Err(Error::Config(_))
     ));
 }
+
+/// Early resend (PROTOCOL.md 3.7.1): the RECONNECT carries RESEND_FROM and the bytes the old
+/// socket had not seen acknowledged follow it at once. A proxy that predates the flag
+/// answers 0x83; the library then moves the plain way, rewriting after the reply, and does
+/// not try early resend again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_resend_falls_back_to_the_plain_reconnect_on_0x83() {
+    let proxy = FakeProxy::start().await;
+    let mut cfg = config(proxy.path());
+    cfg.early_resend = true;
+    let (mut stream, mut old) = open(&proxy, cfg, id_any_home(31, proxy.addr.port())).await;
+    stream.write_all(b"abcdef").await.expect("write");
+    assert_eq!(old.read_data(6).await, b"abcdef");
+    let control = stream.control();
+    wait_status(&control, "written", |s| s.data_written == 6).await;
+    let mover = tokio::spawn({
+        let control = control.clone();
+        let path = proxy.path();
+        async move { control.migrate(path).await }
+    });
+    let mut first = proxy.accept().await;
+    let rc = expect_reconnect(&mut first).await;
+    assert_eq!(rc.data_written, 6);
+    let from = rc.resend_from.expect("an early resend");
+    assert!(from <= 6, "RESEND_FROM {from} beyond DATA_WRITTEN");
+    // Whatever the old socket had not seen acknowledged follows the request at once.
+    let resent = first.read_data((6 - from) as usize).await;
+    assert_eq!(resent, &b"abcdef"[from as usize..]);
+    first.fail(0x83).await;
+    drop(first);
+    let mut second = proxy.accept().await;
+    let rc = expect_reconnect(&mut second).await;
+    assert_eq!((rc.data_written, rc.resend_from), (6, None));
+    // The proxy had only "abcd": the plain way rewrites "ef" after the reply.
+    second.send(&FakeConn::reconnect_reply(2, 0)).await;
+    assert_eq!(second.read_data(2).await, b"ef");
+    let report = within("migrate", mover)
+        .await
+        .expect("join")
+        .expect("migrate");
+    assert_eq!(report.attempts, 2, "{report:?}");
+    assert_eq!(report.first_new_written, 4);
+    // The next move does not try early resend again.
+    let mover = tokio::spawn({
+        let control = control.clone();
+        let path = proxy.path();
+        async move { control.migrate(path).await }
+    });
+    let mut third = proxy.accept().await;
+    let rc = expect_reconnect(&mut third).await;
+    assert_eq!(rc.resend_from, None);
+    third.send(&FakeConn::reconnect_reply(0, 0)).await;
+    within("migrate", mover)
+        .await
+        .expect("join")
+        .expect("migrate");
+}
