@@ -13,8 +13,13 @@
 //!   the connection to the proxy fails, the stream reconnects on its own over the configured
 //!   paths, until [`MobileConfig::reconnect_deadline`].
 //! * [`Standby`] opens an authenticated connection ahead of need on a path: its
-//!   [`ping`](Standby::ping) probes the path's liveness, and
-//!   [`MobileControl::migrate_via`] moves a stream onto it with one RECONNECT round trip.
+//!   [`ping`](Standby::ping) probes the path's liveness, [`MobileControl::migrate_via`]
+//!   moves a stream onto it with one RECONNECT round trip, and
+//!   [`MobileStream::connect_via`] opens a new stream on it.
+//! * Moves use early resend ([`MobileConfig::early_resend`], PROTOCOL.md 3.7.1): the
+//!   bytes the proxy may lack follow the RECONNECT at once and new bytes flow before its
+//!   reply, so the direction to the server resumes half a round trip after the RECONNECT
+//!   leaves.
 //!
 //! How the byte counters work (PROTOCOL.md 3.2 and 3.7): `data_read` counts every byte taken
 //! out of the stream's sockets, including bytes still in the library's buffers, because
