@@ -282,16 +282,7 @@ async fn open_on(
 ) -> Result<Opened, Error> {
     let mut out = Vec::with_capacity(600);
     encode_auth(&mut out, cfg);
-    Request::Open(OpenRequest {
-        command,
-        target: target.clone(),
-        mobility: Some(MobilityOptions {
-            oob_inline: cfg.oob_inline,
-            read_origin: cfg.read_origin,
-            write_origin: cfg.write_origin,
-        }),
-    })
-    .encode(&mut out);
+    open_request(command, target, cfg).encode(&mut out);
     stream
         .write_all(&out)
         .await
@@ -305,6 +296,19 @@ async fn open_on(
         id,
         bound,
         hs,
+    })
+}
+
+/// The MSOCKS CONNECT or BIND request with this configuration's mobility options.
+fn open_request(command: Command, target: &TargetAddr, cfg: &MobileConfig) -> Request {
+    Request::Open(OpenRequest {
+        command,
+        target: target.clone(),
+        mobility: Some(MobilityOptions {
+            oob_inline: cfg.oob_inline,
+            read_origin: cfg.read_origin,
+            write_origin: cfg.write_origin,
+        }),
     })
 }
 
@@ -324,16 +328,7 @@ pub(crate) async fn open_on_standby(
         ..
     } = standby;
     let mut out = Vec::with_capacity(300);
-    Request::Open(OpenRequest {
-        command,
-        target: target.clone(),
-        mobility: Some(MobilityOptions {
-            oob_inline: cfg.oob_inline,
-            read_origin: cfg.read_origin,
-            write_origin: cfg.write_origin,
-        }),
-    })
-    .encode(&mut out);
+    open_request(command, target, cfg).encode(&mut out);
     let exchange = async {
         stream
             .write_all(&out)

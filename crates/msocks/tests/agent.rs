@@ -170,6 +170,28 @@ fn read_reply(s: &mut TcpStream) -> Reply {
     }
 }
 
+/// A paced download from `sv:port` through the agent, in parts released by the returned
+/// sender (see [`server`]); returns the server, the gate, the client's byte counter and the
+/// client.
+#[allow(clippy::type_complexity)]
+fn start_download(
+    tb: &Testbed,
+    port: u16,
+    parts: Vec<(u64, u64)>,
+) -> (
+    JoinHandle<ServerResult>,
+    mpsc::Sender<()>,
+    Arc<AtomicU64>,
+    JoinHandle<(u64, String)>,
+) {
+    let (go, gates) = mpsc::channel();
+    let sv = server(tb, port, parts, Some(gates));
+    let conn = socks_connect(tb, port);
+    let progress = Arc::new(AtomicU64::new(0));
+    let cl = client(conn, 0, progress.clone());
+    (sv, go, progress, cl)
+}
+
 /// Client side of one transfer: sends the upload's length and `upload` bytes, reads to the
 /// server's FIN, then closes. Returns (bytes received, their SHA-256); `progress` counts
 /// received bytes live.
@@ -344,17 +366,9 @@ fn agent_follows_links_and_moves_by_hand() {
     let tb = &s.tb;
     const PORT: u16 = 5004;
     let (part1, part2, part3) = (MIB, 8 * MIB, MIB);
-    let (go, gates) = mpsc::channel();
     // Part 2 is paced so that the link is pulled while it flows.
-    let sv = server(
-        tb,
-        PORT,
-        vec![(part1, 0), (part2, 4 * MIB), (part3, 0)],
-        Some(gates),
-    );
-    let conn = socks_connect(tb, PORT);
-    let progress = Arc::new(AtomicU64::new(0));
-    let cl = client(conn, 0, progress.clone());
+    let (sv, go, progress, cl) =
+        start_download(tb, PORT, vec![(part1, 0), (part2, 4 * MIB), (part3, 0)]);
     let wait_bytes = |n: u64| {
         let deadline = Instant::now() + Duration::from_secs(30);
         while progress.load(Ordering::Relaxed) < n {
@@ -477,16 +491,8 @@ fn agent_leaves_a_silent_link_found_by_its_probe_and_returns() {
     let tb = &s.tb;
     const PORT: u16 = 5006;
     let (part1, part2, part3) = (MIB, 8 * MIB, MIB);
-    let (go, gates) = mpsc::channel();
-    let sv = server(
-        tb,
-        PORT,
-        vec![(part1, 0), (part2, 2 * MIB), (part3, 0)],
-        Some(gates),
-    );
-    let conn = socks_connect(tb, PORT);
-    let progress = Arc::new(AtomicU64::new(0));
-    let cl = client(conn, 0, progress.clone());
+    let (sv, go, progress, cl) =
+        start_download(tb, PORT, vec![(part1, 0), (part2, 2 * MIB), (part3, 0)]);
     wait_progress(&progress, part1);
     s.wait_stream(PORT, "on wired0", |r| r.outbound == "wired0");
     for name in ["wired0", "radio0"] {
@@ -554,16 +560,11 @@ inbound = ["wired0"]
     let tb = &s.tb;
     const PORT: u16 = 5001; // the "wired only" rule
     let (part1, part2, part3) = (MIB, 4 * MIB, MIB);
-    let (go, gates) = mpsc::channel();
-    let sv = server(
+    let (sv, go, progress, cl) = start_download(
         tb,
         PORT,
         vec![(part1, 0), (part2, 2 * MIB), (part3, 2 * MIB)],
-        Some(gates),
     );
-    let conn = socks_connect(tb, PORT);
-    let progress = Arc::new(AtomicU64::new(0));
-    let cl = client(conn, 0, progress.clone());
     wait_progress(&progress, part1);
     s.wait_stream(PORT, "on wired0", |r| r.outbound == "wired0");
 
