@@ -30,6 +30,27 @@ use crate::policy;
 /// Pause before a standby connection that could not be opened is tried again.
 const REOPEN_PAUSE: Duration = Duration::from_millis(250);
 
+/// The status error of an interface whose proxy refuses standby connections.
+const UNPROBED: &str = "the proxy does not hold standby connections";
+
+/// Pause before asking again a proxy that refused STANDBY.
+const UNSUPPORTED_RETRY: Duration = Duration::from_secs(60);
+
+/// Whether opening a standby connection failed with an answer from the proxy (rather than
+/// with silence or a network error).
+fn proxy_answered(e: &msocks_client::Error) -> bool {
+    use msocks_client::Error as E;
+    matches!(
+        e,
+        E::MsocksUnsupported
+            | E::MsocksVersionUnsupported
+            | E::Refused(_)
+            | E::AuthFailed(_)
+            | E::NoAcceptableMethod
+            | E::UnexpectedMethod(_)
+    )
+}
+
 /// What the probes know about one interface.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProbeStatus {
@@ -134,6 +155,23 @@ impl Probes {
         }
     }
 
+    /// Marks the interface as not probed (the proxy refuses standby connections). Returns
+    /// whether this is news (to log it once) and whether a failed verdict was lifted.
+    fn record_unprobed(&self, interface: &str) -> (bool, bool) {
+        let mut slots = self.lock();
+        let slot = slots.entry(interface.to_owned()).or_default();
+        let first = slot.status.error.as_deref() != Some(UNPROBED);
+        let was_failed = slot.status.alive == Some(false);
+        slot.status = ProbeStatus {
+            alive: None,
+            rtt: None,
+            standby_ready: false,
+            error: Some(UNPROBED.into()),
+        };
+        slot.ready = None;
+        (first, was_failed)
+    }
+
     /// Forgets what was known: the interface is not probed now.
     fn clear(&self, interface: &str) -> bool {
         let mut slots = self.lock();
@@ -220,6 +258,21 @@ pub(crate) async fn probe_interface(inner: Arc<Inner>, interface: String) {
         };
         let mut standby = match Standby::open(path.clone(), &config).await {
             Ok(s) => s,
+            // The proxy answered, so the path works; it just will not hold standby
+            // connections (mobility off, an older proxy, credentials it refuses). Probing
+            // cannot work over such a proxy: say so once, keep the interface usable, and
+            // look again much later.
+            Err(e) if proxy_answered(&e) => {
+                let (first, was_failed) = inner.probes.record_unprobed(&interface);
+                if first {
+                    warn!(%interface, "the proxy at {} does not hold standby connections ({e}): no liveness probe or warm moves on this interface", path.proxy);
+                }
+                if was_failed {
+                    inner.bump(format!("{interface} answers again (unprobed)"));
+                }
+                tokio::time::sleep(UNSUPPORTED_RETRY).await;
+                continue;
+            }
             Err(e) => {
                 report(
                     &inner,
