@@ -211,12 +211,7 @@ impl Agent {
                 .interfaces
                 .iter()
                 .map(|i| {
-                    let state = match st.live.get(&i.name) {
-                        Some(l) if l.usable() => "usable",
-                        Some(_) => "not usable",
-                        None => "absent",
-                    };
-                    format!("{} ({state})", i.name)
+                    format!("{} ({})", i.name, link_state(i, st.live.get(&i.name)))
                 })
                 .collect();
             info!(interfaces = %known.join(", "), manage_routes = inner.manage_routes, "agent starting");
@@ -1162,6 +1157,28 @@ fn status_rows(inner: &Inner) -> Vec<StreamRow> {
         .collect()
 }
 
+/// What the link watcher's view means for one configured interface, in words a user can
+/// act on: `usable`, `down`, `no address`, `no IPv6 address` (up with an address, but none
+/// of its proxy's family: e.g. an IPv6 proxy right after `ip link set down/up`, which
+/// flushes global IPv6 addresses), or `absent` (no such kernel interface now).
+fn link_state(ic: &crate::config::InterfaceConfig, live: Option<&links::Interface>) -> &'static str {
+    match live {
+        None => "absent",
+        Some(l) if !l.up => "down",
+        Some(l) if !l.usable() => "no address",
+        Some(l) => match ic.proxy {
+            Some(p) if l.source_addr(p.is_ipv4()).is_none() => {
+                if p.is_ipv4() {
+                    "no IPv4 address"
+                } else {
+                    "no IPv6 address"
+                }
+            }
+            _ => "usable",
+        },
+    }
+}
+
 fn interface_rows(inner: &Inner, streams: &[StreamRow]) -> Vec<InterfaceRow> {
     let probes = inner.probes.statuses();
     let st = inner.lock();
@@ -1169,11 +1186,7 @@ fn interface_rows(inner: &Inner, streams: &[StreamRow]) -> Vec<InterfaceRow> {
         .interfaces
         .iter()
         .map(|ic| {
-            let link = match st.live.get(&ic.name) {
-                Some(l) if l.usable() => "usable",
-                Some(_) => "not usable",
-                None => "absent",
-            };
+            let link = link_state(ic, st.live.get(&ic.name));
             let p = probes.get(&ic.name).cloned().unwrap_or_default();
             let count = |f: fn(&StreamRow) -> &str| {
                 streams.iter().filter(|r| f(r) == ic.name).count() as u64
@@ -1209,7 +1222,14 @@ async fn manual_move(inner: &Arc<Inner>, id: Option<u64>, interface: &str) -> Re
         let mut st = inner.lock();
         if !auto {
             match st.config.interfaces.iter().find(|i| i.name == interface) {
-                None => return refuse(format!("interface {interface:?} is not configured")),
+                None => {
+                    let known: Vec<&str> =
+                        st.config.interfaces.iter().map(|i| i.name.as_str()).collect();
+                    return refuse(format!(
+                        "interface {interface:?} is not configured (configured: {}; or `auto`)",
+                        known.join(", ")
+                    ));
+                }
                 Some(i) if i.proxy.is_none() => {
                     return refuse(format!(
                         "interface {interface:?} has no proxy address, so no data can leave by it"
@@ -1217,15 +1237,25 @@ async fn manual_move(inner: &Arc<Inner>, id: Option<u64>, interface: &str) -> Re
                 }
                 Some(_) => {}
             }
-            if policy::pinned_placement(&st.config, interface, &st.live).is_none()
-                || failed.contains(interface)
-            {
-                return refuse(format!("interface {interface:?} is not usable now"));
+            if failed.contains(interface) {
+                return refuse(format!(
+                    "interface {interface:?} is not usable now: it failed its liveness probe \
+                     (see `msocks status --interfaces`)"
+                ));
+            }
+            if policy::pinned_placement(&st.config, interface, &st.live).is_none() {
+                let why = st
+                    .config
+                    .interfaces
+                    .iter()
+                    .find(|i| i.name == interface)
+                    .map_or("absent", |ic| link_state(ic, st.live.get(interface)));
+                return refuse(format!("interface {interface:?} is not usable now ({why})"));
             }
         }
         if let Some(id) = id {
             if !st.streams.contains_key(&id) {
-                return refuse(format!("no stream {id}"));
+                return refuse(format!("no stream {id} (see `msocks status`)"));
             }
         }
         st.streams
