@@ -210,9 +210,7 @@ impl Agent {
                 .config
                 .interfaces
                 .iter()
-                .map(|i| {
-                    format!("{} ({})", i.name, link_state(i, st.live.get(&i.name)))
-                })
+                .map(|i| format!("{} ({})", i.name, link_state(i, st.live.get(&i.name))))
                 .collect();
             info!(interfaces = %known.join(", "), manage_routes = inner.manage_routes, "agent starting");
         }
@@ -1161,7 +1159,10 @@ fn status_rows(inner: &Inner) -> Vec<StreamRow> {
 /// act on: `usable`, `down`, `no address`, `no IPv6 address` (up with an address, but none
 /// of its proxy's family: e.g. an IPv6 proxy right after `ip link set down/up`, which
 /// flushes global IPv6 addresses), or `absent` (no such kernel interface now).
-fn link_state(ic: &crate::config::InterfaceConfig, live: Option<&links::Interface>) -> &'static str {
+fn link_state(
+    ic: &crate::config::InterfaceConfig,
+    live: Option<&links::Interface>,
+) -> &'static str {
     match live {
         None => "absent",
         Some(l) if !l.up => "down",
@@ -1223,8 +1224,12 @@ async fn manual_move(inner: &Arc<Inner>, id: Option<u64>, interface: &str) -> Re
         if !auto {
             match st.config.interfaces.iter().find(|i| i.name == interface) {
                 None => {
-                    let known: Vec<&str> =
-                        st.config.interfaces.iter().map(|i| i.name.as_str()).collect();
+                    let known: Vec<&str> = st
+                        .config
+                        .interfaces
+                        .iter()
+                        .map(|i| i.name.as_str())
+                        .collect();
                     return refuse(format!(
                         "interface {interface:?} is not configured (configured: {}; or `auto`)",
                         known.join(", ")
