@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use msocks_client::{Credentials, MobileConfig, ProxyPath, Standby};
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
 use crate::agent::Inner;
@@ -231,10 +231,20 @@ pub(crate) async fn probe_interface(inner: Arc<Inner>, interface: String) {
             }
         };
         loop {
-            let outcome = match tokio::time::timeout(timeout, standby.ping()).await {
-                Ok(Ok(rtt)) => Ok(rtt),
-                Ok(Err(e)) => Err(format!("probe failed: {e}")),
-                Err(_) => Err(format!("no answer within {timeout:?}")),
+            // A ping in flight when the interface's address goes away (`ip addr del`, a new
+            // DHCP lease) is never answered: its socket is bound to the old address. That
+            // says nothing about the link, so when the path changes under a ping, the ping
+            // is dropped without a verdict and the standby reopened on the new path.
+            let outcome = tokio::select! {
+                r = tokio::time::timeout(timeout, standby.ping()) => match r {
+                    Ok(Ok(rtt)) => Ok(rtt),
+                    Ok(Err(e)) => Err(format!("probe failed: {e}")),
+                    Err(_) => Err(format!("no answer within {timeout:?}")),
+                },
+                () = path_left(&inner, &interface, &path, &mut gen_rx) => {
+                    debug!(%interface, "the interface's path changed during a probe: reopening");
+                    break;
+                }
             };
             if outcome.is_err() {
                 report(&inner, &interface, outcome);
@@ -262,6 +272,24 @@ pub(crate) async fn probe_interface(inner: Arc<Inner>, interface: String) {
             if !matches!(plan(&inner, &interface), Plan::Probe { path: ref p, .. } if *p == path) {
                 break;
             }
+        }
+    }
+}
+
+/// Returns once the interface's own path is no longer `path` (its address changed, it
+/// became unusable, or it left the configuration); never if the agent is stopping.
+async fn path_left(
+    inner: &Inner,
+    interface: &str,
+    path: &ProxyPath,
+    gen_rx: &mut watch::Receiver<(u64, Arc<str>)>,
+) {
+    loop {
+        if gen_rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if !matches!(plan(inner, interface), Plan::Probe { path: ref p, .. } if p == path) {
+            return;
         }
     }
 }
