@@ -435,6 +435,11 @@ async fn handle_client(inner: Arc<Inner>, mut tcp: TcpStream, peer_addr: SocketA
     let request = match tokio::time::timeout(HANDSHAKE_TIMEOUT, socks::read_request(&mut tcp)).await
     {
         Ok(Ok(x)) => x,
+        // Nothing was asked: not worth a line at the default level.
+        Ok(Err(e @ socks::SocksError::Silent)) => {
+            tracing::debug!(client = %peer_addr, "local client: {e}");
+            return;
+        }
         Ok(Err(e)) => {
             info!(client = %peer_addr, "local client refused: {e}");
             return;

@@ -62,7 +62,11 @@ pub enum AgentError {
 #[derive(Debug, Error)]
 pub enum ControlError {
     /// The agent's socket could not be reached.
-    #[error("cannot reach the agent at {path} (is `msocks agent` running?): {source}")]
+    #[error(
+        "cannot reach the agent at {path}: {source} (is `msocks agent` running, with this \
+         `control` socket? If its config sets another path, pass --control PATH or set \
+         MSOCKS_CONTROL; the socket is mode 0600, so run as the agent's user)"
+    )]
     Connect {
         /// The socket's path.
         path: PathBuf,
