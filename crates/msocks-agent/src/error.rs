@@ -15,7 +15,8 @@ pub enum ConfigError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// The file is not valid TOML for this schema (unknown key, wrong type, ...).
+    /// The file is not valid TOML for this schema (unknown key, wrong type, ...), or a value
+    /// in it is well-formed but unusable (a rule naming an interface that is not configured).
     #[error("invalid config file {path}: {message}")]
     Parse {
         /// The file.

@@ -245,6 +245,7 @@ fn invalid_configs_are_refused_with_a_reason() {
             .unwrap_err()
             .to_string();
         assert!(e.contains(want), "{text:?}: {e}");
+        assert!(e.contains("x.toml"), "the error names the file: {e}");
     }
     let empty = AgentConfig::from_toml("", Path::new("x.toml")).unwrap();
     assert_eq!(empty.listen, vec!["127.0.0.1:1080".parse().unwrap()]);

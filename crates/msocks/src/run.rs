@@ -54,7 +54,8 @@ pub enum DnsArg {
 /// Options of `msocks run`.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// The agent's SOCKS5 address.
+    /// The agent's SOCKS5 address: an IP address and port (`127.0.0.1:1080`, `[::1]:1080`),
+    /// not a name; one of the agent's `listen` addresses.
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:1080")]
     pub agent: SocketAddr,
     /// Who resolves host names: the agent's proxy (remote) or this host (local).
