@@ -174,7 +174,9 @@ pub fn run_agent(args: AgentArgs) -> Result<()> {
 fn config_summary(config: &AgentConfig, path: Option<&std::path::Path>) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
-    let file = path.map_or("(no --config: defaults)".into(), |p| p.display().to_string());
+    let file = path.map_or("(no --config: defaults)".into(), |p| {
+        p.display().to_string()
+    });
     let _ = writeln!(out, "config {file}: valid");
     let listen: Vec<String> = config.listen.iter().map(ToString::to_string).collect();
     let _ = writeln!(
@@ -182,7 +184,11 @@ fn config_summary(config: &AgentConfig, path: Option<&std::path::Path>) -> Strin
         "listen {}; control {}; manage_routes {}; probes {}",
         listen.join(", "),
         config.control.display(),
-        if config.manage_routes_effective() { "on" } else { "off" },
+        if config.manage_routes_effective() {
+            "on"
+        } else {
+            "off"
+        },
         if config.standby {
             format!(
                 "every {:?}, timeout {:?}",
@@ -203,7 +209,9 @@ fn config_summary(config: &AgentConfig, path: Option<&std::path::Path>) -> Strin
             .proxy
             .map_or("none (inbound only)".into(), |p| p.to_string());
         // /sys/class/net lists the kernel's interfaces in this network namespace.
-        let present = std::path::Path::new("/sys/class/net").join(&i.name).exists();
+        let present = std::path::Path::new("/sys/class/net")
+            .join(&i.name)
+            .exists();
         let _ = writeln!(
             out,
             "interface {}: proxy {proxy}{}{}",
@@ -221,14 +229,15 @@ fn config_summary(config: &AgentConfig, path: Option<&std::path::Path>) -> Strin
         );
     }
     for (n, r) in config.rules.iter().enumerate() {
-        let label = r.name.as_deref().map_or(String::new(), |x| format!(" ({x:?})"));
+        let label = r
+            .name
+            .as_deref()
+            .map_or(String::new(), |x| format!(" ({x:?})"));
         let _ = writeln!(
             out,
             "rule {}{label}: outbound {}, inbound {}",
             n + 1,
-            r.outbound
-                .as_ref()
-                .map_or("any".into(), |v| v.join(",")),
+            r.outbound.as_ref().map_or("any".into(), |v| v.join(",")),
             r.inbound.as_ref().map_or("any".into(), |v| v.join(",")),
         );
     }
