@@ -61,9 +61,11 @@ failed (with the reason) or - (not probed).";
 
 /// Long help of `msocks move`.
 pub const MOVE_LONG_ABOUT: &str = "Move one stream (by the id `msocks status` shows) or every \
-stream (--all) onto an interface, both directions, now; it stays there while that interface is \
-usable, then the policy takes over again. The interface `auto` hands streams back to the \
-policy at once. Returns when the streams are on the new path. Examples: `msocks move 3 \
+stream (--all) onto an interface, both directions, now, and pin it there: while that interface \
+is unusable the policy places the stream, and it returns to the pinned interface when that \
+is usable again (`msocks status` shows the pin). The interface `auto` removes the pin and \
+hands streams back to the policy at once. Only streams open now are moved; new ones follow \
+the policy. Returns when the streams are on the new path. Examples: `msocks move 3 \
 wwan0`, `msocks move --all eth0`, `msocks move --all auto`.";
 
 /// Options of `msocks agent`.
