@@ -36,7 +36,7 @@ pub enum AgentError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// A local SOCKS5 listener could not be opened.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {source}{}", listen_hint(.source))]
     Listen {
         /// The address.
         addr: std::net::SocketAddr,
@@ -44,7 +44,7 @@ pub enum AgentError {
         source: std::io::Error,
     },
     /// The control socket could not be set up.
-    #[error("control socket {path}: {source}")]
+    #[error("control socket {path}: {source}{}", control_hint(.source))]
     Control {
         /// The socket's path.
         path: PathBuf,
@@ -57,6 +57,29 @@ pub enum AgentError {
     /// Signal handlers could not be installed.
     #[error("installing signal handlers: {0}")]
     Signal(std::io::Error),
+}
+
+/// What to do about a listener that cannot be opened, for the error message.
+fn listen_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            " (another agent, or `msocks proxy`, already listens there: stop it or give \
+             --listen another ADDR:PORT)"
+        }
+        std::io::ErrorKind::AddrNotAvailable => " (that address is not on this host)",
+        _ => "",
+    }
+}
+
+/// What to do about a control socket that cannot be created, for the error message.
+fn control_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => {
+            " (run the agent as root, or give --control PATH (or `control` in the config) in \
+             a directory you can write; msocks status/move then need the same path)"
+        }
+        _ => "",
+    }
 }
 
 /// Why a control request failed on the client side.
