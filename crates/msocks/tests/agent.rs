@@ -1173,3 +1173,87 @@ fn agent_follows_an_address_change_on_an_interface() {
     let (_, _, sent, want) = sv.join().unwrap();
     assert_eq!((got, sha), (sent, want), "download across renumbering");
 }
+
+/// An interface named in the config that does not exist when the agent starts (a USB
+/// modem not yet plugged in): it shows as `absent`, streams use the others; when it
+/// appears with an address its host route is installed and the stream moves onto it (it
+/// is preferred); when it is deleted (`ip link del`) the stream moves back at once.
+#[test]
+fn agent_uses_an_interface_that_appears_later_and_leaves_one_deleted() {
+    if !msocks_testbed::require_root(
+        "agent_uses_an_interface_that_appears_later_and_leaves_one_deleted",
+    ) {
+        return;
+    }
+    // 10.99.0.0/24 is a subnet of its own between the mobile node and the proxy host.
+    let (usb_mn, usb_px) = ("10.99.0.2", "10.99.0.1");
+    let s = setup_with("appears", |tb| {
+        format!(
+            r#"
+[[interface]]
+name = "usb0"
+proxy = "{usb_px}:{PROXY_PORT}"
+tags = ["usb"]
+{}"#,
+            interfaces(tb)
+        )
+    });
+    let tb = &s.tb;
+    let log = s.agent_log();
+    assert!(
+        !log.contains("WARN"),
+        "an absent interface is not worth a warning:\n{log}"
+    );
+    assert_eq!(interface(&s, "usb0").link, "absent");
+    const PORT: u16 = 5013;
+    let (part1, part2, part3) = (MIB, 6 * MIB, MIB);
+    let (go, gates) = mpsc::channel();
+    let sv = server(
+        tb,
+        PORT,
+        vec![(part1, 0), (part2, 3 * MIB), (part3, 0)],
+        Some(gates),
+    );
+    let conn = socks_connect(tb, PORT);
+    let progress = Arc::new(AtomicU64::new(0));
+    let cl = client(conn, 0, progress.clone());
+    wait_progress(&progress, part1);
+    s.wait_stream(PORT, "on wired0 while usb0 is absent", |r| {
+        r.outbound == "wired0"
+    });
+    go.send(()).unwrap();
+    wait_progress(&progress, part1 + MIB / 2);
+
+    msocks_testbed::veth_pair(&tb.mn, "usb0", &tb.px, "usb1").unwrap();
+    tb.px.addr_add("usb1", &format!("{usb_px}/24")).unwrap();
+    tb.px.link_set("usb1", true).unwrap();
+    tb.mn.addr_add("usb0", &format!("{usb_mn}/24")).unwrap();
+    tb.mn.link_set("usb0", true).unwrap();
+    let on_usb = s.wait_stream(PORT, "moved onto usb0 when it appeared", |r| {
+        r.outbound == "usb0" && r.inbound == "usb0"
+    });
+    wait_interface(&s, "usb0", "usable and probed", |r| {
+        r.link == "usable" && r.probe == "alive"
+    });
+    let routes = tb.mn.ip(&["route", "show", "dev", "usb0"]).unwrap();
+    assert!(
+        String::from_utf8_lossy(&routes.stdout).contains(&format!("{usb_px} ")),
+        "host route to usb0's proxy address: {}",
+        String::from_utf8_lossy(&routes.stdout)
+    );
+
+    tb.mn.ip(&["link", "del", "usb0"]).unwrap();
+    s.wait_stream(PORT, "back on wired0 after usb0 was deleted", |r| {
+        r.outbound == "wired0" && r.moves > on_usb.moves
+    });
+    wait_interface(&s, "usb0", "absent again", |r| r.link == "absent");
+
+    go.send(()).unwrap();
+    let (got, sha) = cl.join().unwrap();
+    let (_, _, sent, want) = sv.join().unwrap();
+    assert_eq!(
+        (got, sha),
+        (sent, want),
+        "download across usb0 coming and going"
+    );
+}
