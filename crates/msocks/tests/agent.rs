@@ -1257,3 +1257,79 @@ tags = ["usb"]
         "download across usb0 coming and going"
     );
 }
+
+/// A stream held under `wait` (its only allowed interface is down) says why in the log, and
+/// is dropped as soon as its program gives up and closes — not kept in `msocks status` and
+/// opened for nobody when the link returns, up to `wait_timeout` later.
+#[test]
+fn agent_drops_a_held_stream_when_its_program_gives_up() {
+    if !msocks_testbed::require_root("agent_drops_a_held_stream_when_its_program_gives_up") {
+        return;
+    }
+    const PORT: u16 = 5014;
+    let s = setup("giveup", |_| {
+        format!(
+            r#"
+[[rule]]
+name = "radio only"
+port = [{PORT}]
+outbound = ["radio0"]
+inbound = ["radio0"]
+"#
+        )
+    });
+    let tb = &s.tb;
+    tb.link_down(Link::Radio).unwrap();
+    wait_interface(&s, "radio0", "down", |r| r.link == "down");
+    // A SOCKS5 client that sends its request and then waits for the reply, as programs do.
+    let sv = SocketAddr::from((tb.sv_ip, PORT));
+    let conn = tb
+        .mn
+        .run_in(move || {
+            let mut c = TcpStream::connect(("127.0.0.1", AGENT_PORT)).expect("connect to agent");
+            let mut out = Vec::new();
+            Greeting {
+                methods: vec![Method::NO_AUTH],
+            }
+            .encode(&mut out);
+            Request::Open(OpenRequest {
+                command: msocks_proto::Command::Connect,
+                target: TargetAddr::Ip(sv),
+                mobility: None,
+            })
+            .encode(&mut out);
+            c.write_all(&out).expect("request");
+            c
+        })
+        .unwrap();
+    let row = wait_row(&s, "the held stream", |r| {
+        r.destination.ends_with(&format!(":{PORT}"))
+    });
+    assert_eq!(row.state, "connecting", "{row:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !s.agent_log().contains("outbound radio0: down") {
+        assert!(
+            Instant::now() < deadline,
+            "the log should say why the stream waits:\n{}",
+            s.agent_log()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+
+    drop(conn);
+    let gone = Instant::now();
+    while s.stream(PORT).is_some() {
+        assert!(
+            gone.elapsed() < Duration::from_secs(3),
+            "the stream of a program that gave up is still held: {:?}",
+            s.stream(PORT)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        s.agent_log()
+            .contains("closed its connection while the stream waited"),
+        "{}",
+        s.agent_log()
+    );
+}
