@@ -258,10 +258,14 @@ pub(crate) async fn probe_interface(inner: Arc<Inner>, interface: String) {
             // find the standby ready.
             inner.probes.put(&interface, standby);
             report(&inner, &interface, outcome);
+            // Not woken by every placement change: the agent's own "failed"/"answers again"
+            // bump is what sends streams onto this standby, and taking it back for an early
+            // ping right then would make their moves cold. Only a new path for this
+            // interface (or the interval, or a take) ends the wait.
             tokio::select! {
                 () = tokio::time::sleep(interval) => {}
                 () = &mut taken => {}
-                _ = gen_rx.changed() => {}
+                () = path_left(&inner, &interface, &path, &mut gen_rx) => {}
             }
             match inner.probes.take_back(&interface) {
                 Some(s) if s.path() == &path => standby = s,
