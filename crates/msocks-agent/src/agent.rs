@@ -210,14 +210,7 @@ impl Agent {
                 .config
                 .interfaces
                 .iter()
-                .map(|i| {
-                    let state = match st.live.get(&i.name) {
-                        Some(l) if l.usable() => "usable",
-                        Some(_) => "not usable",
-                        None => "absent",
-                    };
-                    format!("{} ({state})", i.name)
-                })
+                .map(|i| format!("{} ({})", i.name, link_state(i, st.live.get(&i.name))))
                 .collect();
             info!(interfaces = %known.join(", "), manage_routes = inner.manage_routes, "agent starting");
         }
@@ -442,6 +435,11 @@ async fn handle_client(inner: Arc<Inner>, mut tcp: TcpStream, peer_addr: SocketA
     let request = match tokio::time::timeout(HANDSHAKE_TIMEOUT, socks::read_request(&mut tcp)).await
     {
         Ok(Ok(x)) => x,
+        // Nothing was asked: not worth a line at the default level.
+        Ok(Err(e @ socks::SocksError::Silent)) => {
+            tracing::debug!(client = %peer_addr, "local client: {e}");
+            return;
+        }
         Ok(Err(e)) => {
             info!(client = %peer_addr, "local client refused: {e}");
             return;
@@ -737,15 +735,25 @@ async fn await_placement(
             ));
         }
         if !announced {
-            info!(stream = id, destination = %info.target, "stream waiting: no usable interface allowed by {rule}");
+            let why = {
+                let failed = inner.probes.failed();
+                let st = inner.lock();
+                why_unplaceable(&st, &failed, info)
+            };
+            info!(stream = id, destination = %info.target, "stream waiting: no usable interface allowed by {rule} ({why})");
             announced = true;
         }
         // The SOCKS reply is held: the program's connect simply takes longer, and anything
         // it sends meanwhile waits in its socket buffer.
-        if !wait_for_change(gen_rx, wait_deadline, None).await {
-            let _ = socks::send_reply(tcp, ReplyCode::NetworkUnreachable, TargetAddr::UNSPECIFIED)
-                .await;
-            return Err("no usable interface within wait_timeout".into());
+        match wait_while_client_waits(gen_rx, wait_deadline, None, tcp).await {
+            Waited::Changed => {}
+            Waited::Expired => {
+                let _ =
+                    socks::send_reply(tcp, ReplyCode::NetworkUnreachable, TargetAddr::UNSPECIFIED)
+                        .await;
+                return Err("no usable interface within wait_timeout".into());
+            }
+            Waited::ClientGone => return Err(CLIENT_GONE.into()),
         }
     }
 }
@@ -821,9 +829,14 @@ async fn run_stream(
                     && Instant::now() < wait_deadline =>
             {
                 info!(stream = id, destination = %info.target, "stream waiting: the proxy is not reachable on any allowed path ({e})");
-                if !wait_for_change(gen_rx, wait_deadline, Some(RETRY_MOVE)).await {
-                    let _ = socks::send_reply(tcp, reply_code(&e), TargetAddr::UNSPECIFIED).await;
-                    return Err(format!("cannot open the stream through the proxy: {e}"));
+                match wait_while_client_waits(gen_rx, wait_deadline, Some(RETRY_MOVE), tcp).await {
+                    Waited::Changed => {}
+                    Waited::Expired => {
+                        let _ =
+                            socks::send_reply(tcp, reply_code(&e), TargetAddr::UNSPECIFIED).await;
+                        return Err(format!("cannot open the stream through the proxy: {e}"));
+                    }
+                    Waited::ClientGone => return Err(CLIENT_GONE.into()),
                 }
             }
             Err(e) => {
@@ -927,6 +940,60 @@ async fn wait_for_change(
         Ok(Ok(())) => true,
         Ok(Err(_)) => false,
         Err(_) => tokio::time::Instant::now() < deadline,
+    }
+}
+
+/// Why a held stream ends when its program gives up first.
+const CLIENT_GONE: &str = "the local program closed its connection while the stream waited \
+for an interface";
+
+/// How a wait for a usable path ended.
+enum Waited {
+    /// Something changed (or it is time to retry): look again.
+    Changed,
+    /// `wait_timeout` is over.
+    Expired,
+    /// The program closed its connection: nobody wants the stream any more.
+    ClientGone,
+}
+
+/// [`wait_for_change`], ended early when the program that asked for the stream closes its
+/// connection: a held stream would otherwise stay in `msocks status` and be opened through
+/// the proxy for no one, until `wait_timeout` (10 minutes by default) — `msocks run` gives
+/// up after 120 s, other programs after their own connect timeouts.
+async fn wait_while_client_waits(
+    gen_rx: &mut watch::Receiver<(u64, Arc<str>)>,
+    deadline: Instant,
+    retry: Option<Duration>,
+    tcp: &TcpStream,
+) -> Waited {
+    tokio::select! {
+        more = wait_for_change(gen_rx, deadline, retry) => {
+            if more { Waited::Changed } else { Waited::Expired }
+        }
+        () = client_gone(tcp) => Waited::ClientGone,
+    }
+}
+
+/// Returns once the local program has closed its side (FIN with nothing unread, or an
+/// error). A program that wrote ahead of the reply and then half-closed still counts as
+/// waiting; its bytes are relayed once the stream opens.
+async fn client_gone(tcp: &TcpStream) {
+    loop {
+        match tcp.ready(tokio::io::Interest::READABLE).await {
+            Ok(r) if r.is_read_closed() || r.is_error() => {
+                let mut b = [0u8; 1];
+                match tcp.peek(&mut b).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+            Ok(_) => {}
+            Err(_) => return,
+        }
+        // Readable with data pending: readiness stays set until the data is read, which
+        // is the relay's job later; look again in a while instead of spinning.
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -1182,6 +1249,68 @@ fn status_rows(inner: &Inner) -> Vec<StreamRow> {
         .collect()
 }
 
+/// Why no path is allowed for `info` now, interface by interface, for the log: e.g.
+/// `outbound wired: down; outbound radio: usable, but no inbound interface (radio) has an
+/// IPv6 address`.
+fn why_unplaceable(st: &State, failed: &HashSet<String>, info: &StreamInfo) -> String {
+    let decision = policy::decide(&st.config, info);
+    if decision.outbound.is_empty() {
+        return "the rule allows no interface with a proxy address for outbound".into();
+    }
+    let mut parts = Vec::new();
+    for &o in &decision.outbound {
+        let oc = &st.config.interfaces[o];
+        let state = link_state(oc, st.live.get(&oc.name));
+        let part = if failed.contains(&oc.name) {
+            format!("outbound {}: failed its liveness probe", oc.name)
+        } else if state != "usable" {
+            format!("outbound {}: {state}", oc.name)
+        } else {
+            let family = match oc.proxy {
+                Some(p) if p.is_ipv4() => "an IPv4",
+                _ => "an IPv6",
+            };
+            let inbound: Vec<&str> = decision
+                .inbound
+                .iter()
+                .map(|&i| st.config.interfaces[i].name.as_str())
+                .collect();
+            format!(
+                "outbound {}: usable, but no allowed inbound interface ({}) is usable with {family} address",
+                oc.name,
+                inbound.join(", ")
+            )
+        };
+        parts.push(part);
+    }
+    parts.join("; ")
+}
+
+/// What the link watcher's view means for one configured interface, in words a user can
+/// act on: `usable`, `down`, `no address`, `no IPv6 address` (up with an address, but none
+/// of its proxy's family: e.g. an IPv6 proxy right after `ip link set down/up`, which
+/// flushes global IPv6 addresses), or `absent` (no such kernel interface now).
+fn link_state(
+    ic: &crate::config::InterfaceConfig,
+    live: Option<&links::Interface>,
+) -> &'static str {
+    match live {
+        None => "absent",
+        Some(l) if !l.up => "down",
+        Some(l) if !l.usable() => "no address",
+        Some(l) => match ic.proxy {
+            Some(p) if l.source_addr(p.is_ipv4()).is_none() => {
+                if p.is_ipv4() {
+                    "no IPv4 address"
+                } else {
+                    "no IPv6 address"
+                }
+            }
+            _ => "usable",
+        },
+    }
+}
+
 fn interface_rows(inner: &Inner, streams: &[StreamRow]) -> Vec<InterfaceRow> {
     let probes = inner.probes.statuses();
     let st = inner.lock();
@@ -1189,11 +1318,7 @@ fn interface_rows(inner: &Inner, streams: &[StreamRow]) -> Vec<InterfaceRow> {
         .interfaces
         .iter()
         .map(|ic| {
-            let link = match st.live.get(&ic.name) {
-                Some(l) if l.usable() => "usable",
-                Some(_) => "not usable",
-                None => "absent",
-            };
+            let link = link_state(ic, st.live.get(&ic.name));
             let p = probes.get(&ic.name).cloned().unwrap_or_default();
             let count = |f: fn(&StreamRow) -> &str| {
                 streams.iter().filter(|r| f(r) == ic.name).count() as u64
@@ -1229,7 +1354,18 @@ async fn manual_move(inner: &Arc<Inner>, id: Option<u64>, interface: &str) -> Re
         let mut st = inner.lock();
         if !auto {
             match st.config.interfaces.iter().find(|i| i.name == interface) {
-                None => return refuse(format!("interface {interface:?} is not configured")),
+                None => {
+                    let known: Vec<&str> = st
+                        .config
+                        .interfaces
+                        .iter()
+                        .map(|i| i.name.as_str())
+                        .collect();
+                    return refuse(format!(
+                        "interface {interface:?} is not configured (configured: {}; or `auto`)",
+                        known.join(", ")
+                    ));
+                }
                 Some(i) if i.proxy.is_none() => {
                     return refuse(format!(
                         "interface {interface:?} has no proxy address, so no data can leave by it"
@@ -1237,15 +1373,25 @@ async fn manual_move(inner: &Arc<Inner>, id: Option<u64>, interface: &str) -> Re
                 }
                 Some(_) => {}
             }
-            if policy::pinned_placement(&st.config, interface, &st.live).is_none()
-                || failed.contains(interface)
-            {
-                return refuse(format!("interface {interface:?} is not usable now"));
+            if failed.contains(interface) {
+                return refuse(format!(
+                    "interface {interface:?} is not usable now: it failed its liveness probe \
+                     (see `msocks status --interfaces`)"
+                ));
+            }
+            if policy::pinned_placement(&st.config, interface, &st.live).is_none() {
+                let why = st
+                    .config
+                    .interfaces
+                    .iter()
+                    .find(|i| i.name == interface)
+                    .map_or("absent", |ic| link_state(ic, st.live.get(interface)));
+                return refuse(format!("interface {interface:?} is not usable now ({why})"));
             }
         }
         if let Some(id) = id {
             if !st.streams.contains_key(&id) {
-                return refuse(format!("no stream {id}"));
+                return refuse(format!("no stream {id} (see `msocks status`)"));
             }
         }
         st.streams

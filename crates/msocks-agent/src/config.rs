@@ -250,7 +250,15 @@ impl AgentConfig {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
-        config.validate()?;
+        // Name the file: the message is read in a log line after SIGHUP, or by a user
+        // with several configs.
+        config.validate().map_err(|e| match e {
+            ConfigError::Invalid(message) => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            e => e,
+        })?;
         Ok(config)
     }
 

@@ -73,7 +73,9 @@ pub struct StreamRow {
 pub struct InterfaceRow {
     /// The kernel's interface name.
     pub name: String,
-    /// `usable` (up, with an address), `not usable` or `absent`.
+    /// `usable` (up, with an address of its proxy's family), `down`, `no address`,
+    /// `no IPv4 address` / `no IPv6 address` (up, but without an address of its proxy's
+    /// family), or `absent` (no such kernel interface).
     pub link: String,
     /// `alive`, `failed` or `-` (not probed: unusable link, no proxy address, probing off).
     pub probe: String,

@@ -15,7 +15,8 @@ pub enum ConfigError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// The file is not valid TOML for this schema (unknown key, wrong type, ...).
+    /// The file is not valid TOML for this schema (unknown key, wrong type, ...), or a value
+    /// in it is well-formed but unusable (a rule naming an interface that is not configured).
     #[error("invalid config file {path}: {message}")]
     Parse {
         /// The file.
@@ -35,7 +36,7 @@ pub enum AgentError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// A local SOCKS5 listener could not be opened.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {source}{}", listen_hint(.source))]
     Listen {
         /// The address.
         addr: std::net::SocketAddr,
@@ -43,7 +44,7 @@ pub enum AgentError {
         source: std::io::Error,
     },
     /// The control socket could not be set up.
-    #[error("control socket {path}: {source}")]
+    #[error("control socket {path}: {source}{}", control_hint(.source))]
     Control {
         /// The socket's path.
         path: PathBuf,
@@ -58,11 +59,38 @@ pub enum AgentError {
     Signal(std::io::Error),
 }
 
+/// What to do about a listener that cannot be opened, for the error message.
+fn listen_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            " (another agent, or `msocks proxy`, already listens there: stop it or give \
+             --listen another ADDR:PORT)"
+        }
+        std::io::ErrorKind::AddrNotAvailable => " (that address is not on this host)",
+        _ => "",
+    }
+}
+
+/// What to do about a control socket that cannot be created, for the error message.
+fn control_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => {
+            " (run the agent as root, or give --control PATH (or `control` in the config) in \
+             a directory you can write; msocks status/move then need the same path)"
+        }
+        _ => "",
+    }
+}
+
 /// Why a control request failed on the client side.
 #[derive(Debug, Error)]
 pub enum ControlError {
     /// The agent's socket could not be reached.
-    #[error("cannot reach the agent at {path} (is `msocks agent` running?): {source}")]
+    #[error(
+        "cannot reach the agent at {path}: {source} (is `msocks agent` running, with this \
+         `control` socket? If its config sets another path, pass --control PATH or set \
+         MSOCKS_CONTROL; the socket is mode 0600, so run as the agent's user)"
+    )]
     Connect {
         /// The socket's path.
         path: PathBuf,

@@ -124,6 +124,28 @@ impl Interface {
         };
         v4(false).or_else(v6).or_else(|| v4(true))
     }
+
+    /// The source address for a connection to a peer of one family (`ipv4`): the first
+    /// IPv4 address (a link-local one only when there is no other), or the first global
+    /// IPv6 address. Never a link-local IPv6 address: bound without a scope id, a
+    /// connection from it to a global address fails with `EINVAL`, and an interface that
+    /// just came back up has only that one until its global address returns.
+    pub fn source_addr(&self, ipv4: bool) -> Option<IpAddr> {
+        if ipv4 {
+            let v4 = |link_local_ok: bool| {
+                self.addrs.iter().copied().find(|addr| match addr {
+                    IpAddr::V4(v4) => usable_v4(v4) && (link_local_ok || !v4.is_link_local()),
+                    IpAddr::V6(_) => false,
+                })
+            };
+            v4(false).or_else(|| v4(true))
+        } else {
+            self.addrs.iter().copied().find(|addr| match addr {
+                IpAddr::V4(_) => false,
+                IpAddr::V6(v6) => global_v6(v6),
+            })
+        }
+    }
 }
 
 /// IPv4 addresses that can be the source of a connection to a peer.

@@ -174,13 +174,10 @@ pub fn decide(config: &AgentConfig, info: &StreamInfo) -> Decision {
     }
 }
 
-/// An address of `iface` in the family of `proxy`, its preferred address first.
+/// The address of `iface` a connection to `proxy` is made from: one of the proxy's family
+/// that can reach it (never a link-local IPv6 address, which would need a scope id).
 fn addr_for(iface: &Interface, proxy: SocketAddr) -> Option<IpAddr> {
-    let same = |a: &IpAddr| a.is_ipv4() == proxy.is_ipv4();
-    iface
-        .preferred_addr()
-        .filter(same)
-        .or_else(|| iface.addrs.iter().copied().find(same))
+    iface.source_addr(proxy.is_ipv4())
 }
 
 fn usable<'a>(live: &'a LiveLinks, name: &str) -> Option<&'a Interface> {

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use msocks_client::{Credentials, MobileConfig, ProxyPath, Standby};
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
 use crate::agent::Inner;
@@ -284,10 +284,20 @@ pub(crate) async fn probe_interface(inner: Arc<Inner>, interface: String) {
             }
         };
         loop {
-            let outcome = match tokio::time::timeout(timeout, standby.ping()).await {
-                Ok(Ok(rtt)) => Ok(rtt),
-                Ok(Err(e)) => Err(format!("probe failed: {e}")),
-                Err(_) => Err(format!("no answer within {timeout:?}")),
+            // A ping in flight when the interface's address goes away (`ip addr del`, a new
+            // DHCP lease) is never answered: its socket is bound to the old address. That
+            // says nothing about the link, so when the path changes under a ping, the ping
+            // is dropped without a verdict and the standby reopened on the new path.
+            let outcome = tokio::select! {
+                r = tokio::time::timeout(timeout, standby.ping()) => match r {
+                    Ok(Ok(rtt)) => Ok(rtt),
+                    Ok(Err(e)) => Err(format!("probe failed: {e}")),
+                    Err(_) => Err(format!("no answer within {timeout:?}")),
+                },
+                () = path_left(&inner, &interface, &path, &mut gen_rx) => {
+                    debug!(%interface, "the interface's path changed during a probe: reopening");
+                    break;
+                }
             };
             if outcome.is_err() {
                 report(&inner, &interface, outcome);
@@ -301,20 +311,14 @@ pub(crate) async fn probe_interface(inner: Arc<Inner>, interface: String) {
             // find the standby ready.
             inner.probes.put(&interface, standby);
             report(&inner, &interface, outcome);
-            // Until the next probe the standby stays offered: a placement change (which is
-            // when movers look for it) only makes this task check that its path still holds,
-            // without taking the standby away from them.
-            let next_probe = tokio::time::Instant::now() + interval;
-            let path_ok = loop {
-                tokio::select! {
-                    () = tokio::time::sleep_until(next_probe) => break true,
-                    () = &mut taken => break true,
-                    _ = gen_rx.changed() => {
-                        if !matches!(plan(&inner, &interface), Plan::Probe { path: ref p, .. } if *p == path) {
-                            break false;
-                        }
-                    }
-                }
+            // Not woken by every placement change: the agent's own "failed"/"answers again"
+            // bump is what sends streams onto this standby, and taking it back for an early
+            // ping right then would make their moves cold. Only a new path for this
+            // interface (or the interval, or a take) ends the wait.
+            let path_ok = tokio::select! {
+                () = tokio::time::sleep(interval) => true,
+                () = &mut taken => true,
+                () = path_left(&inner, &interface, &path, &mut gen_rx) => false,
             };
             match inner.probes.take_back(&interface) {
                 Some(s) if path_ok && s.path() == &path => standby = s,
@@ -322,6 +326,24 @@ pub(crate) async fn probe_interface(inner: Arc<Inner>, interface: String) {
                 // changed (open one on the new path).
                 _ => break,
             }
+        }
+    }
+}
+
+/// Returns once the interface's own path is no longer `path` (its address changed, it
+/// became unusable, or it left the configuration); never if the agent is stopping.
+async fn path_left(
+    inner: &Inner,
+    interface: &str,
+    path: &ProxyPath,
+    gen_rx: &mut watch::Receiver<(u64, Arc<str>)>,
+) {
+    loop {
+        if gen_rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if !matches!(plan(inner, interface), Plan::Probe { path: ref p, .. } if p == path) {
+            return;
         }
     }
 }

@@ -48,6 +48,15 @@ pub async fn install(iface: &InterfaceConfig) {
         Ok(()) => {
             tracing::info!(interface = %iface.name, "host route installed: ip {}", args.join(" "))
         }
+        // A configured interface that does not exist yet (a USB modem not plugged in) is
+        // normal: its route is installed when it appears ("became usable").
+        Err(_)
+            if !std::path::Path::new("/sys/class/net")
+                .join(&iface.name)
+                .exists() =>
+        {
+            tracing::info!(interface = %iface.name, "not present now: its host route will be installed when it appears")
+        }
         Err(e) => {
             tracing::warn!(interface = %iface.name, "cannot install host route (ip {}): {e}", args.join(" "))
         }

@@ -23,6 +23,10 @@ pub enum SocksError {
     /// Bytes that are not SOCKS5.
     #[error("malformed SOCKS5 message: {0}")]
     Malformed(#[from] DecodeError),
+    /// The client closed without sending a byte: a port check (`msocks run` looks whether
+    /// the agent answers before it starts the program), not a failed handshake.
+    #[error("the client closed the connection without sending anything")]
+    Silent,
     /// The client offered no "no authentication" method (answered 0xFF).
     #[error("the client offers no usable authentication method")]
     NoMethod,
@@ -95,7 +99,10 @@ pub async fn read_request<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
 ) -> Result<LocalRequest, SocksError> {
     let mut reader = Reader { buf: Vec::new() };
-    let greeting = reader.next(stream, Greeting::decode).await?;
+    let greeting = match reader.next(stream, Greeting::decode).await {
+        Err(SocksError::Closed) if reader.buf.is_empty() => return Err(SocksError::Silent),
+        r => r?,
+    };
     let method = if greeting.offers(Method::NO_AUTH) {
         Method::NO_AUTH
     } else {

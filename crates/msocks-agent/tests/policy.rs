@@ -196,6 +196,31 @@ fn outbound_and_inbound_are_chosen_separately_from_usable_interfaces() {
 }
 
 #[test]
+fn an_ipv6_proxy_is_never_reached_from_a_link_local_address() {
+    // After `ip link set dev down/up` the kernel has flushed an interface's global IPv6
+    // addresses; it is back with its IPv4 address and a link-local fe80:: one. A path from
+    // fe80:: (no scope id) to a global proxy address fails to connect with EINVAL, so the
+    // interface must not be offered for its IPv6 proxy until a global address returns.
+    let c = AgentConfig::from_toml(
+        "[[interface]]\nname = \"eth0\"\nproxy = \"[2001:db8::1]:1080\"\n",
+        Path::new("test.toml"),
+    )
+    .expect("valid config");
+    let d = policy::decide(&c, &ip("10.0.0.5:22"));
+    let with = |addrs: &[&str]| -> LiveLinks {
+        [("eth0".to_string(), iface("eth0", 2, true, addrs))]
+            .into_iter()
+            .collect()
+    };
+    let l = with(&["198.51.100.10", "fe80::1"]);
+    assert!(policy::placements(&c, &d, &l).is_empty());
+    assert_eq!(policy::pinned_placement(&c, "eth0", &l), None);
+    let l = with(&["198.51.100.10", "fe80::1", "2001:db8::10"]);
+    let p = policy::placements(&c, &d, &l);
+    assert_eq!(p[0].path.local_addr, Some("2001:db8::10".parse().unwrap()));
+}
+
+#[test]
 fn invalid_configs_are_refused_with_a_reason() {
     let bad = [
         (
@@ -220,6 +245,7 @@ fn invalid_configs_are_refused_with_a_reason() {
             .unwrap_err()
             .to_string();
         assert!(e.contains(want), "{text:?}: {e}");
+        assert!(e.contains("x.toml"), "the error names the file: {e}");
     }
     let empty = AgentConfig::from_toml("", Path::new("x.toml")).unwrap();
     assert_eq!(empty.listen, vec!["127.0.0.1:1080".parse().unwrap()]);

@@ -9,29 +9,64 @@ use msocks_agent::{Agent, AgentConfig};
 
 /// Long help of `msocks agent`.
 pub const AGENT_LONG_ABOUT: &str = "Run the mobile-node agent: a local SOCKS5 endpoint (default \
-127.0.0.1:1080, no authentication, CONNECT) that programs use as they are — curl \
---socks5-hostname, a browser's SOCKS setting, ssh -o ProxyCommand='nc -X 5 -x 127.0.0.1:1080 %h %p'. \
-Each local connection becomes an MSOCKS stream to the proxy, placed by the policy in the \
-config file: which interface its data leaves by (the proxy address routed out of that \
-interface) and which one its data arrives on (the local address it uses), chosen separately. \
-When an interface goes down its streams move at once to the next one the policy allows, \
-and back when it returns; nothing is lost and the server sees one connection.\n\n\
-The config file lists [[interface]] entries (name, proxy, cost, bandwidth, latency, tags) and \
-[[rule]] entries (host, network, port, uid, program -> outbound, inbound, when_unavailable); \
-see crates/msocks-agent/README.md. With manage_routes (default when root) the agent installs \
-`ip route replace PROXY/32 dev IFACE` per interface and removes it on exit. SIGHUP reloads \
-the policy and re-places every stream; SIGTERM/SIGINT stop the agent.";
+127.0.0.1:1080, no authentication; CONNECT, BIND and UDP ASSOCIATE) that programs use as they \
+are — curl --socks5-hostname, a browser's SOCKS setting, git -c http.proxy=socks5h://..., \
+ssh -o ProxyCommand='nc -X 5 -x 127.0.0.1:1080 %h %p' — or without any proxy setting through \
+`msocks run -- PROGRAM`. Each local connection becomes an MSOCKS stream to `msocks proxy`, \
+placed by the policy in the config file: which interface its data leaves by (the proxy \
+address routed out of that interface) and which one its data arrives on (the local address \
+it uses), chosen separately. When an interface goes down, loses its address or stops \
+answering the agent's liveness probe (a silent failure, found within probe_timeout, 1 s), \
+its streams move at once to the next one the policy allows, and back when it returns; \
+nothing is lost and the server sees one connection.\n\n\
+The config file lists [[interface]] entries (name, proxy, gateway, cost, bandwidth, latency, \
+tags) and [[rule]] entries (host, network, port, uid, program -> outbound, inbound, \
+when_unavailable); every key is in crates/msocks-agent/README.md. Without --config there is \
+no interface and every stream waits. An interface named in the file need not exist yet: it \
+is used when it appears. With manage_routes (default when root) the agent installs `ip route \
+replace PROXY/32 dev IFACE` per interface and removes it on exit. SIGHUP reloads the policy \
+(a broken file is reported and the old policy kept; check it first with --check-config) and \
+re-places every stream; SIGTERM/SIGINT stop the agent. Logs go to standard error.";
+
+/// Examples shown after `msocks agent --help`.
+pub const AGENT_AFTER_HELP: &str = "Minimal config: one [[interface]] per link, with the proxy's \
+address as reached over that link (the agent routes it out of that link):
+  [[interface]]
+  name = \"eth0\"
+  proxy = \"192.0.2.1:1080\"
+
+  [[interface]]
+  name = \"wwan0\"
+  proxy = \"[2001:db8::1]:1080\"
+  cost = \"expensive\"
+
+Examples:
+  msocks agent --config /etc/msocks/agent.toml --check-config
+  sudo msocks agent --config /etc/msocks/agent.toml
+  curl --socks5-hostname 127.0.0.1:1080 http://example.org/
+  msocks run -- wget http://example.org/big.iso
+  msocks status; msocks status --interfaces; msocks move 3 wwan0
+  kill -HUP $(pidof msocks)                 reload the policy
+
+If the config sets `control`, give status and move the same path (--control PATH, or
+MSOCKS_CONTROL in the environment).";
 
 /// Long help of `msocks status`.
 pub const STATUS_LONG_ABOUT: &str = "Show the agent's streams: id, program, destination, the \
 interface data leaves by (OUT) and arrives on (IN), bytes up and down, moves, state and the \
-rule that placed it. --json prints the agent's answer as JSON for scripts.";
+rule that placed it. --json prints the agent's answer as JSON for scripts. --interfaces shows \
+each configured interface instead: LINK is usable, down, no address, no IPv4/IPv6 address \
+(none of its proxy's family), or absent (no such kernel interface yet); PROBE is alive, \
+failed (with the reason) or - (not probed).";
 
 /// Long help of `msocks move`.
 pub const MOVE_LONG_ABOUT: &str = "Move one stream (by the id `msocks status` shows) or every \
-stream (--all) onto an interface, both directions, now; it stays there while that interface is \
-usable, then the policy takes over again. The interface `auto` hands streams back to the \
-policy at once. Returns when the streams are on the new path.";
+stream (--all) onto an interface, both directions, now, and pin it there: while that interface \
+is unusable the policy places the stream, and it returns to the pinned interface when that \
+is usable again (`msocks status` shows the pin). The interface `auto` removes the pin and \
+hands streams back to the policy at once. Only streams open now are moved; new ones follow \
+the policy. Returns when the streams are on the new path. Examples: `msocks move 3 \
+wwan0`, `msocks move --all eth0`, `msocks move --all auto`.";
 
 /// Options of `msocks agent`.
 #[derive(Debug, clap::Args)]
@@ -48,6 +83,9 @@ pub struct AgentArgs {
     /// Log filter, e.g. `info`, `debug`, `msocks_agent=debug` (else RUST_LOG, else info).
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
+    /// Validate the config file, print what it configures and exit (0 if valid).
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 /// Options of `msocks status`.
@@ -60,8 +98,13 @@ pub struct StatusArgs {
     /// round trip, whether a standby connection is ready (warm moves), streams out / in.
     #[arg(long)]
     pub interfaces: bool,
-    /// The agent's control socket.
-    #[arg(long, value_name = "PATH", default_value = msocks_agent::config::DEFAULT_CONTROL)]
+    /// The agent's control socket (the `control` key of its config).
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "MSOCKS_CONTROL",
+        default_value = msocks_agent::config::DEFAULT_CONTROL
+    )]
     pub control: PathBuf,
 }
 
@@ -78,8 +121,13 @@ pub struct MoveArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
-    /// The agent's control socket.
-    #[arg(long, value_name = "PATH", default_value = msocks_agent::config::DEFAULT_CONTROL)]
+    /// The agent's control socket (the `control` key of its config).
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "MSOCKS_CONTROL",
+        default_value = msocks_agent::config::DEFAULT_CONTROL
+    )]
     pub control: PathBuf,
 }
 
@@ -95,6 +143,10 @@ pub fn run_agent(args: AgentArgs) -> Result<()> {
     if let Some(c) = &args.control {
         config.control = c.clone();
     }
+    if args.check_config {
+        print!("{}", config_summary(&config, args.config.as_deref()));
+        return Ok(());
+    }
     let filter = match args.log_level.as_deref() {
         Some(f) => tracing_subscriber::EnvFilter::try_new(f)
             .with_context(|| format!("invalid --log-level {f:?}"))?,
@@ -104,7 +156,8 @@ pub fn run_agent(args: AgentArgs) -> Result<()> {
     crate::init_tracing(filter);
     if config.interfaces.is_empty() {
         tracing::warn!(
-            "no [[interface]] configured: every stream will wait for one (see --config)"
+            "no [[interface]] configured: every stream will wait for one, then be refused; \
+             give --config FILE with an [[interface]] per link (see msocks agent --help)"
         );
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -116,6 +169,81 @@ pub fn run_agent(args: AgentArgs) -> Result<()> {
         agent.run(crate::shutdown_signal()).await?;
         Ok(())
     })
+}
+
+/// What `msocks agent --check-config` prints: the effective settings, every interface
+/// (noting ones that do not exist on this host now) and every rule.
+fn config_summary(config: &AgentConfig, path: Option<&std::path::Path>) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let file = path.map_or("(no --config: defaults)".into(), |p| {
+        p.display().to_string()
+    });
+    let _ = writeln!(out, "config {file}: valid");
+    let listen: Vec<String> = config.listen.iter().map(ToString::to_string).collect();
+    let _ = writeln!(
+        out,
+        "listen {}; control {}; manage_routes {}; probes {}",
+        listen.join(", "),
+        config.control.display(),
+        if config.manage_routes_effective() {
+            "on"
+        } else {
+            "off"
+        },
+        if config.standby {
+            format!(
+                "every {:?}, timeout {:?}",
+                config.probe_interval, config.probe_timeout
+            )
+        } else {
+            "off".into()
+        },
+    );
+    if config.interfaces.is_empty() {
+        let _ = writeln!(
+            out,
+            "no [[interface]]: every stream would wait for one (add one per link)"
+        );
+    }
+    for i in &config.interfaces {
+        let proxy = i
+            .proxy
+            .map_or("none (inbound only)".into(), |p| p.to_string());
+        // /sys/class/net lists the kernel's interfaces in this network namespace.
+        let present = std::path::Path::new("/sys/class/net")
+            .join(&i.name)
+            .exists();
+        let _ = writeln!(
+            out,
+            "interface {}: proxy {proxy}{}{}",
+            i.name,
+            if i.tags.is_empty() {
+                String::new()
+            } else {
+                format!(", tags {}", i.tags.join(","))
+            },
+            if present {
+                ""
+            } else {
+                " (not present now: used when it appears)"
+            },
+        );
+    }
+    for (n, r) in config.rules.iter().enumerate() {
+        let label = r
+            .name
+            .as_deref()
+            .map_or(String::new(), |x| format!(" ({x:?})"));
+        let _ = writeln!(
+            out,
+            "rule {}{label}: outbound {}, inbound {}",
+            n + 1,
+            r.outbound.as_ref().map_or("any".into(), |v| v.join(",")),
+            r.inbound.as_ref().map_or("any".into(), |v| v.join(",")),
+        );
+    }
+    out
 }
 
 /// Prints the agent's streams.

@@ -26,8 +26,14 @@ const AFTER_HELP: &str = "Examples:
   msocks proxy --config /etc/msocks/proxy.toml --check-config
   sudo msocks demo                              watch a stream survive link moves
   curl --socks5-hostname 127.0.0.1:1080 https://example.org/
+On the mobile node (see msocks agent --help):
+  sudo msocks agent --config /etc/msocks/agent.toml   local SOCKS5 on 127.0.0.1:1080
+  msocks run -- wget http://example.org/big.iso        any dynamically linked program
+  msocks status --interfaces
 
-Documentation: README.md, docs/PROTOCOL.md (wire format, error replies), docs/CONFIG.md.";
+Documentation: README.md, docs/CONFIG.md (proxy configuration), crates/msocks-agent/README.md
+(agent configuration, policy, probes), docs/SHIM.md (msocks run), docs/PROTOCOL.md (wire
+format, error replies).";
 
 #[derive(Parser)]
 #[command(name = "msocks", version, about = ABOUT, after_help = AFTER_HELP, propagate_version = true)]
@@ -88,7 +94,7 @@ the same run. Prints a Markdown table (median / max per direction). Needs root."
     )]
     BenchMove(bench_move::BenchMoveArgs),
     /// Run the mobile-node agent: a local SOCKS5 endpoint whose streams follow the links.
-    #[command(long_about = agent_cli::AGENT_LONG_ABOUT)]
+    #[command(long_about = agent_cli::AGENT_LONG_ABOUT, after_help = agent_cli::AGENT_AFTER_HELP)]
     Agent(agent_cli::AgentArgs),
     /// Show the agent's streams and the interfaces they use.
     #[command(long_about = agent_cli::STATUS_LONG_ABOUT)]

@@ -54,7 +54,8 @@ pub enum DnsArg {
 /// Options of `msocks run`.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// The agent's SOCKS5 address.
+    /// The agent's SOCKS5 address: an IP address and port (`127.0.0.1:1080`, `[::1]:1080`),
+    /// not a name; one of the agent's `listen` addresses.
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:1080")]
     pub agent: SocketAddr,
     /// Who resolves host names: the agent's proxy (remote) or this host (local).
@@ -308,7 +309,18 @@ pub fn run(args: RunArgs) -> Result<()> {
     if TcpStream::connect_timeout(&args.agent, Duration::from_secs(1)).is_err() {
         eprintln!(
             "msocks: warning: nothing answers at {} (the agent): the program's connections \
-             through it will fail with ECONNREFUSED",
+             through it will fail with ECONNREFUSED (start `msocks agent`, or give --agent \
+             one of its `listen` addresses)",
+            args.agent
+        );
+    }
+    if args.agent.is_ipv6() && !args.agent.ip().to_canonical().is_ipv4() {
+        // The shim connects the program's own socket to the agent: an AF_INET socket
+        // (most programs' for an IPv4 or placeholder destination) cannot reach it.
+        eprintln!(
+            "msocks: warning: the agent's address {} is IPv6: the program's IPv4 sockets \
+             cannot reach it and those connections will fail with EAFNOSUPPORT; use an IPv4 \
+             agent address such as 127.0.0.1:1080",
             args.agent
         );
     }

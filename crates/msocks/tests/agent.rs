@@ -13,7 +13,7 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::{self, JoinHandle};
@@ -24,9 +24,11 @@ use msocks_proto::{
     Greeting, Method, MethodSelection, OpenRequest, Reply, ReplyCode, ReplyContext, Request,
     TargetAddr,
 };
-use msocks_testbed::{Link, Testbed};
+use msocks_testbed::{Link, LinkDelay, Testbed};
 use sha2::{Digest, Sha256};
-use support::agent_testbed::{run_cli, setup, Setup, AGENT_PORT};
+use support::agent_testbed::{
+    interfaces, run_cli, setup, setup_with, Setup, AGENT_PORT, PROXY_PORT,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -57,9 +59,20 @@ fn server(
     parts: Vec<(u64, u64)>,
     gates: Option<mpsc::Receiver<()>>,
 ) -> JoinHandle<ServerResult> {
+    server_on(tb, tb.sv_ip.into(), port, parts, gates)
+}
+
+/// [`server`] listening on one of the server's addresses (`tb.sv_ip6` for IPv6).
+fn server_on(
+    tb: &Testbed,
+    ip: IpAddr,
+    port: u16,
+    parts: Vec<(u64, u64)>,
+    gates: Option<mpsc::Receiver<()>>,
+) -> JoinHandle<ServerResult> {
     let listener = tb
         .sv
-        .run_in(|| TcpListener::bind(SocketAddr::from((tb.sv_ip, port))))
+        .run_in(|| TcpListener::bind(SocketAddr::from((ip, port))))
         .unwrap()
         .expect("server bind");
     thread::spawn(move || {
@@ -808,4 +821,516 @@ fn agent_bind_accepts_and_moves() {
         r.kind == "bind" && r.outbound == "radio0" && r.moves >= 1
     });
     echo(&mut ctl, &mut peer, b"after the move");
+}
+
+/// A plain HTTP/1.0 server in `sv` on `port` for `conns` connections: each gets a
+/// `len`-byte body paced at `rate` bytes per second, so the streams stay open while the
+/// test looks at them.
+fn http_server(tb: &Testbed, port: u16, conns: usize, len: usize, rate: u64) -> JoinHandle<()> {
+    let listener = tb
+        .sv
+        .run_in(|| TcpListener::bind(SocketAddr::from((tb.sv_ip, port))))
+        .unwrap()
+        .expect("http server bind");
+    thread::spawn(move || {
+        let mut served = Vec::new();
+        for _ in 0..conns {
+            let (mut conn, _) = listener.accept().expect("http accept");
+            served.push(thread::spawn(move || {
+                let mut req = Vec::new();
+                let mut b = [0u8; 1];
+                while !req.ends_with(b"\r\n\r\n") {
+                    if conn.read(&mut b).expect("http read") == 0 {
+                        return;
+                    }
+                    req.push(b[0]);
+                }
+                let head = format!("HTTP/1.0 200 OK\r\nContent-Length: {len}\r\n\r\n");
+                conn.write_all(head.as_bytes()).expect("http head");
+                let chunk = vec![b'x'; 16 * 1024];
+                let start = Instant::now();
+                let mut sent = 0usize;
+                while sent < len {
+                    let n = (len - sent).min(chunk.len());
+                    if conn.write_all(&chunk[..n]).is_err() {
+                        return;
+                    }
+                    sent += n;
+                    let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                    if let Some(wait) = due.checked_sub(start.elapsed()) {
+                        thread::sleep(wait);
+                    }
+                }
+            }));
+        }
+        for t in served {
+            let _ = t.join();
+        }
+    })
+}
+
+/// Rules by program: `curl`'s streams go by radio0, `python3`'s by wired0, both started
+/// at once through the agent to the same server. The agent finds each local program in
+/// /proc (no cooperation from the programs), and `msocks status` shows them on their
+/// links.
+#[test]
+fn agent_places_streams_by_program() {
+    if !msocks_testbed::require_root("agent_places_streams_by_program") {
+        return;
+    }
+    // The name the kernel gives this host's python3 (pyenv and distributions may exec a
+    // versioned binary): the rule must name /proc/PID/comm.
+    let comm = std::process::Command::new("python3")
+        .args(["-c", "print(open('/proc/self/comm').read().strip())"])
+        .output()
+        .expect("python3 is needed for this test");
+    let py_comm = String::from_utf8_lossy(&comm.stdout).trim().to_owned();
+    assert!(!py_comm.is_empty(), "python3 did not say its name");
+    let rules = format!(
+        r#"
+[[rule]]
+name = "curl by radio"
+program = ["curl"]
+outbound = ["radio0"]
+inbound = ["radio0"]
+when_unavailable = "fail"
+
+[[rule]]
+name = "python by wire"
+program = ["{py_comm}"]
+outbound = ["wired0"]
+inbound = ["wired0"]
+when_unavailable = "fail"
+"#
+    );
+    let s = setup("program", move |_| rules);
+    let tb = &s.tb;
+    const PORT: u16 = 5010;
+    let len = 3 * MIB as usize;
+    let http = http_server(tb, PORT, 2, len, MIB);
+    let url = format!("http://{}:{PORT}/file", tb.sv_ip);
+    let proxy = format!("127.0.0.1:{AGENT_PORT}");
+    let curl = tb
+        .mn
+        .command("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{size_download}"])
+        .args(["--socks5", &proxy, &url])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start curl");
+    let script = format!(
+        "import socket\n\
+         s = socket.create_connection(('127.0.0.1', {AGENT_PORT}))\n\
+         s.sendall(b'\\x05\\x01\\x00'); assert s.recv(2) == b'\\x05\\x00'\n\
+         s.sendall(b'\\x05\\x01\\x00\\x01' + socket.inet_aton('{sv}') + ({PORT}).to_bytes(2, 'big'))\n\
+         r = b''\n\
+         while len(r) < 10: r += s.recv(10 - len(r))\n\
+         assert r[1] == 0, r\n\
+         s.sendall(b'GET /file HTTP/1.0\\r\\n\\r\\n')\n\
+         n = 0\n\
+         while True:\n\
+         \x20   d = s.recv(65536)\n\
+         \x20   if not d: break\n\
+         \x20   n += len(d)\n\
+         print(n)\n",
+        sv = tb.sv_ip,
+    );
+    let python = tb
+        .mn
+        .command("python3")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start python3");
+
+    let c = wait_row(&s, "curl's stream", |r| {
+        r.program.as_deref() == Some("curl")
+    });
+    let p = wait_row(&s, "python's stream", |r| {
+        r.program.as_deref() == Some(py_comm.as_str())
+    });
+    assert_eq!(
+        (c.outbound.as_str(), c.inbound.as_str(), c.rule.as_str()),
+        ("radio0", "radio0", "rule 1 (\"curl by radio\")"),
+        "{c:?}"
+    );
+    assert_eq!(
+        (p.outbound.as_str(), p.inbound.as_str(), p.rule.as_str()),
+        ("wired0", "wired0", "rule 2 (\"python by wire\")"),
+        "{p:?}"
+    );
+    assert_eq!(c.pid, Some(curl.id()), "curl's pid in status");
+    let table = run_cli(tb, &s.control(), &["status"]);
+    assert!(
+        table.contains(&format!("curl[{}]", curl.id())),
+        "status names the program and its pid:\n{table}"
+    );
+
+    let out = curl.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let header = "HTTP/1.0 200 OK\r\nContent-Length: \r\n\r\n".len() + len.to_string().len();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), len.to_string());
+    let out = python.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "python3: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        (len + header).to_string()
+    );
+    http.join().unwrap();
+}
+
+/// An interface whose proxy address is IPv6 (wired0) and one whose is IPv4 (radio0); a
+/// stream to an IPv6 destination through the agent starts on wired0 (from the mobile
+/// node's IPv6 address), moves to radio0 when the wired link is pulled, and stays there
+/// while wired0 is back up with only its IPv4 and link-local IPv6 addresses (the kernel
+/// flushed its global IPv6 address on link down; `status --interfaces` says `no IPv6
+/// address`), then returns when the address does. Byte-exact both ways.
+#[test]
+fn agent_carries_ipv6_through_an_ipv6_proxy_address_and_moves() {
+    if !msocks_testbed::require_root("agent_carries_ipv6_through_an_ipv6_proxy_address_and_moves") {
+        return;
+    }
+    let s = setup_with("ipv6", |tb| {
+        format!(
+            r#"
+[[interface]]
+name = "wired0"
+proxy = "[{pw}]:{PROXY_PORT}"
+tags = ["lan"]
+
+[[interface]]
+name = "radio0"
+proxy = "{pr}:{PROXY_PORT}"
+tags = ["wan"]
+"#,
+            pw = tb.px_wired_ip6,
+            pr = tb.px_radio_ip,
+        )
+    });
+    let tb = &s.tb;
+    const PORT: u16 = 5011;
+    let (part1, part2, part3) = (MIB, 6 * MIB, MIB);
+    let (go, gates) = mpsc::channel();
+    let sv = server_on(
+        tb,
+        tb.sv_ip6.into(),
+        PORT,
+        vec![(part1, 0), (part2, 3 * MIB), (part3, 0)],
+        Some(gates),
+    );
+    wait_interface(&s, "wired0", "usable and probed over IPv6", |r| {
+        r.link == "usable" && r.probe == "alive"
+    });
+    let target = TargetAddr::Ip(SocketAddr::from((tb.sv_ip6, PORT)));
+    let (conn, reply) = socks_request(tb, msocks_proto::Command::Connect, target);
+    assert_eq!(
+        reply.code,
+        ReplyCode::Succeeded,
+        "CONNECT to [{}]",
+        tb.sv_ip6
+    );
+    let progress = Arc::new(AtomicU64::new(0));
+    let cl = client(conn, 256 * 1024, progress.clone());
+    wait_progress(&progress, part1);
+    let row = s.wait_stream(PORT, "on wired0", |r| r.outbound == "wired0");
+    assert_eq!(row.destination, format!("[{}]:{PORT}", tb.sv_ip6));
+    assert!(
+        s.agent_log().contains(&format!(
+            "path=proxy [{}]:{PROXY_PORT} from {}",
+            tb.px_wired_ip6, tb.mn_wired_ip6
+        )),
+        "the stream should leave from the wired IPv6 address:\n{}",
+        s.agent_log()
+    );
+
+    go.send(()).unwrap();
+    wait_progress(&progress, part1 + MIB / 2);
+    tb.link_down(Link::Wired).unwrap();
+    let moved = s.wait_stream(PORT, "moved to radio0", |r| {
+        r.outbound == "radio0" && r.moves >= 1
+    });
+    // Up again at both ends, but without the global IPv6 address the kernel flushed.
+    tb.mn.link_set(Link::Wired.mn_if(), true).unwrap();
+    tb.px.link_set(Link::Wired.px_if(), true).unwrap();
+    wait_interface(&s, "wired0", "up without an IPv6 address", |r| {
+        r.link == "no IPv6 address"
+    });
+    thread::sleep(Duration::from_millis(1500));
+    let row = s.stream(PORT).expect("stream");
+    assert_eq!(
+        (row.outbound.as_str(), row.moves),
+        ("radio0", moved.moves),
+        "no move onto wired0 while it has no IPv6 address to reach its proxy from"
+    );
+    assert!(
+        !s.agent_log().contains("Invalid argument"),
+        "nothing may try a link-local source:\n{}",
+        s.agent_log()
+    );
+    tb.link_up(Link::Wired).unwrap();
+    s.wait_stream(PORT, "back on wired0", |r| {
+        r.outbound == "wired0" && r.moves > moved.moves
+    });
+
+    go.send(()).unwrap();
+    let (got, sha) = cl.join().unwrap();
+    let (up, up_sha, sent, want) = sv.join().unwrap();
+    assert_eq!((got, sha), (sent, want), "download over IPv6, byte-exact");
+    assert_eq!((up, up_sha), (256 * 1024, upload_sha(256 * 1024)), "upload");
+}
+
+/// The wired interface is renumbered under a live stream, as a new DHCP lease does: a
+/// second address is added (`ip addr add`), then the old one deleted. The stream moves to
+/// the new address on the same interface (it does not fall back to radio0), and the
+/// liveness probe — whose standby connection was bound to the old address — is not taken
+/// for a failed link. The wired link has a 100 ms RTT and probes run every 50 ms, so a
+/// probe is nearly always in flight when an address goes.
+#[test]
+fn agent_follows_an_address_change_on_an_interface() {
+    if !msocks_testbed::require_root("agent_follows_an_address_change_on_an_interface") {
+        return;
+    }
+    let s = setup_with("renumber", |tb| {
+        format!("probe_interval = \"50ms\"\n{}", interfaces(tb))
+    });
+    let tb = &s.tb;
+    let _delay = LinkDelay::start(tb, Link::Wired, Duration::from_millis(50)).expect("delay");
+    // Deleting an interface's primary IPv4 address deletes its secondaries too, unless
+    // they are promoted (what a DHCP client's renumbering relies on).
+    tb.mn
+        .exec(&[
+            "sysctl",
+            "-qw",
+            &format!(
+                "net.ipv4.conf.{}.promote_secondaries=1",
+                Link::Wired.mn_if()
+            ),
+        ])
+        .unwrap();
+    const PORT: u16 = 5012;
+    let (part1, part2, part3) = (MIB, 6 * MIB, MIB);
+    let (go, gates) = mpsc::channel();
+    let sv = server(
+        tb,
+        PORT,
+        vec![(part1, 0), (part2, MIB), (part3, 0)],
+        Some(gates),
+    );
+    let conn = socks_connect(tb, PORT);
+    let progress = Arc::new(AtomicU64::new(0));
+    let cl = client(conn, 0, progress.clone());
+    wait_progress(&progress, part1);
+    s.wait_stream(PORT, "on wired0", |r| r.outbound == "wired0");
+    wait_interface(&s, "wired0", "probed", |r| r.probe == "alive");
+    go.send(()).unwrap();
+
+    let [a, b, c, _] = tb.mn_wired_ip.octets();
+    let mut old = tb.mn_wired_ip;
+    let wired = Link::Wired.mn_if();
+    for host in [50u8, 51, 52] {
+        let new = std::net::Ipv4Addr::new(a, b, c, host);
+        let moves = s.stream(PORT).expect("stream").moves;
+        tb.mn.addr_add(wired, &format!("{new}/24")).unwrap();
+        thread::sleep(Duration::from_millis(300));
+        tb.mn
+            .ip(&["addr", "del", &format!("{old}/24"), "dev", wired])
+            .unwrap();
+        s.wait_stream(PORT, "moved to the new address", |r| {
+            r.moves > moves && r.outbound == "wired0" && r.inbound == "wired0"
+        });
+        let log = s.agent_log();
+        assert!(
+            log.contains(&format!("from {new}")),
+            "the stream should now come from {new}:\n{log}"
+        );
+        // Longer than probe_timeout: a probe lost with the old address would be reported.
+        thread::sleep(Duration::from_millis(1500));
+        old = new;
+    }
+    let log = s.agent_log();
+    assert!(
+        !log.contains("failed its liveness probe"),
+        "an address change is not a failed link:\n{log}"
+    );
+    let row = s.stream(PORT).expect("stream");
+    assert_eq!(row.outbound, "wired0", "{row:?}");
+    assert_eq!(row.moves, 3, "one move per renumbering: {row:?}");
+    wait_interface(&s, "wired0", "probed from the new address", |r| {
+        r.probe == "alive" && r.standby_ready
+    });
+
+    go.send(()).unwrap();
+    let (got, sha) = cl.join().unwrap();
+    let (_, _, sent, want) = sv.join().unwrap();
+    assert_eq!((got, sha), (sent, want), "download across renumbering");
+}
+
+/// An interface named in the config that does not exist when the agent starts (a USB
+/// modem not yet plugged in): it shows as `absent`, streams use the others; when it
+/// appears with an address its host route is installed and the stream moves onto it (it
+/// is preferred); when it is deleted (`ip link del`) the stream moves back at once.
+#[test]
+fn agent_uses_an_interface_that_appears_later_and_leaves_one_deleted() {
+    if !msocks_testbed::require_root(
+        "agent_uses_an_interface_that_appears_later_and_leaves_one_deleted",
+    ) {
+        return;
+    }
+    // 10.99.0.0/24 is a subnet of its own between the mobile node and the proxy host.
+    let (usb_mn, usb_px) = ("10.99.0.2", "10.99.0.1");
+    let s = setup_with("appears", |tb| {
+        format!(
+            r#"
+[[interface]]
+name = "usb0"
+proxy = "{usb_px}:{PROXY_PORT}"
+tags = ["usb"]
+{}"#,
+            interfaces(tb)
+        )
+    });
+    let tb = &s.tb;
+    let log = s.agent_log();
+    assert!(
+        !log.contains("WARN"),
+        "an absent interface is not worth a warning:\n{log}"
+    );
+    assert_eq!(interface(&s, "usb0").link, "absent");
+    const PORT: u16 = 5013;
+    let (part1, part2, part3) = (MIB, 6 * MIB, MIB);
+    let (go, gates) = mpsc::channel();
+    let sv = server(
+        tb,
+        PORT,
+        vec![(part1, 0), (part2, 3 * MIB), (part3, 0)],
+        Some(gates),
+    );
+    let conn = socks_connect(tb, PORT);
+    let progress = Arc::new(AtomicU64::new(0));
+    let cl = client(conn, 0, progress.clone());
+    wait_progress(&progress, part1);
+    s.wait_stream(PORT, "on wired0 while usb0 is absent", |r| {
+        r.outbound == "wired0"
+    });
+    go.send(()).unwrap();
+    wait_progress(&progress, part1 + MIB / 2);
+
+    msocks_testbed::veth_pair(&tb.mn, "usb0", &tb.px, "usb1").unwrap();
+    tb.px.addr_add("usb1", &format!("{usb_px}/24")).unwrap();
+    tb.px.link_set("usb1", true).unwrap();
+    tb.mn.addr_add("usb0", &format!("{usb_mn}/24")).unwrap();
+    tb.mn.link_set("usb0", true).unwrap();
+    let on_usb = s.wait_stream(PORT, "moved onto usb0 when it appeared", |r| {
+        r.outbound == "usb0" && r.inbound == "usb0"
+    });
+    wait_interface(&s, "usb0", "usable and probed", |r| {
+        r.link == "usable" && r.probe == "alive"
+    });
+    let routes = tb.mn.ip(&["route", "show", "dev", "usb0"]).unwrap();
+    assert!(
+        String::from_utf8_lossy(&routes.stdout).contains(&format!("{usb_px} ")),
+        "host route to usb0's proxy address: {}",
+        String::from_utf8_lossy(&routes.stdout)
+    );
+
+    tb.mn.ip(&["link", "del", "usb0"]).unwrap();
+    s.wait_stream(PORT, "back on wired0 after usb0 was deleted", |r| {
+        r.outbound == "wired0" && r.moves > on_usb.moves
+    });
+    wait_interface(&s, "usb0", "absent again", |r| r.link == "absent");
+
+    go.send(()).unwrap();
+    let (got, sha) = cl.join().unwrap();
+    let (_, _, sent, want) = sv.join().unwrap();
+    assert_eq!(
+        (got, sha),
+        (sent, want),
+        "download across usb0 coming and going"
+    );
+}
+
+/// A stream held under `wait` (its only allowed interface is down) says why in the log, and
+/// is dropped as soon as its program gives up and closes — not kept in `msocks status` and
+/// opened for nobody when the link returns, up to `wait_timeout` later.
+#[test]
+fn agent_drops_a_held_stream_when_its_program_gives_up() {
+    if !msocks_testbed::require_root("agent_drops_a_held_stream_when_its_program_gives_up") {
+        return;
+    }
+    const PORT: u16 = 5014;
+    let s = setup("giveup", |_| {
+        format!(
+            r#"
+[[rule]]
+name = "radio only"
+port = [{PORT}]
+outbound = ["radio0"]
+inbound = ["radio0"]
+"#
+        )
+    });
+    let tb = &s.tb;
+    tb.link_down(Link::Radio).unwrap();
+    wait_interface(&s, "radio0", "down", |r| r.link == "down");
+    // A SOCKS5 client that sends its request and then waits for the reply, as programs do.
+    let sv = SocketAddr::from((tb.sv_ip, PORT));
+    let conn = tb
+        .mn
+        .run_in(move || {
+            let mut c = TcpStream::connect(("127.0.0.1", AGENT_PORT)).expect("connect to agent");
+            let mut out = Vec::new();
+            Greeting {
+                methods: vec![Method::NO_AUTH],
+            }
+            .encode(&mut out);
+            Request::Open(OpenRequest {
+                command: msocks_proto::Command::Connect,
+                target: TargetAddr::Ip(sv),
+                mobility: None,
+            })
+            .encode(&mut out);
+            c.write_all(&out).expect("request");
+            c
+        })
+        .unwrap();
+    let row = wait_row(&s, "the held stream", |r| {
+        r.destination.ends_with(&format!(":{PORT}"))
+    });
+    assert_eq!(row.state, "connecting", "{row:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !s.agent_log().contains("outbound radio0: down") {
+        assert!(
+            Instant::now() < deadline,
+            "the log should say why the stream waits:\n{}",
+            s.agent_log()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+
+    drop(conn);
+    let gone = Instant::now();
+    while s.stream(PORT).is_some() {
+        assert!(
+            gone.elapsed() < Duration::from_secs(3),
+            "the stream of a program that gave up is still held: {:?}",
+            s.stream(PORT)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        s.agent_log()
+            .contains("closed its connection while the stream waited"),
+        "{}",
+        s.agent_log()
+    );
 }

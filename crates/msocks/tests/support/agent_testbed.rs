@@ -56,6 +56,11 @@ impl Setup {
         self.dir.join("agent.sock")
     }
 
+    /// What the agent has logged so far.
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
     /// The agent's streams now.
     pub fn status(&self) -> Vec<StreamRow> {
         client::status(&self.control()).expect("msocks status")
@@ -98,6 +103,37 @@ impl Drop for Setup {
 /// interfaces (wired0 preferred: free, high bandwidth, tag lan; radio0: expensive, low, tag
 /// wan) followed by whatever `rules` returns for this testbed (`[[rule]]` entries, or "").
 pub fn setup(name: &str, rules: impl FnOnce(&Testbed) -> String) -> Setup {
+    setup_with(name, |tb| format!("{}{}", interfaces(tb), rules(tb)))
+}
+
+/// The `[[interface]]` entries [`setup`] gives the agent: wired0 then radio0.
+pub fn interfaces(tb: &Testbed) -> String {
+    format!(
+        r#"
+[[interface]]
+name = "wired0"
+proxy = "{pw}:{PROXY_PORT}"
+cost = "free"
+bandwidth = "high"
+tags = ["lan"]
+
+[[interface]]
+name = "radio0"
+proxy = "{pr}:{PROXY_PORT}"
+cost = "expensive"
+bandwidth = "low"
+tags = ["wan"]
+"#,
+        pw = tb.px_wired_ip,
+        pr = tb.px_radio_ip,
+    )
+}
+
+/// Like [`setup`], with everything after the agent's `listen`, `control`, `manage_routes`
+/// and `wait_timeout` given by `body`: more global keys first, then `[[interface]]` and
+/// `[[rule]]` entries (e.g. an interface with an IPv6 proxy address: the proxy listens on
+/// IPv4 and IPv6).
+pub fn setup_with(name: &str, body: impl FnOnce(&Testbed) -> String) -> Setup {
     let tb = Testbed::mobile_proxy_server().expect("testbed");
     let dir = std::env::temp_dir().join(format!("msocks-agent-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -112,6 +148,8 @@ pub fn setup(name: &str, rules: impl FnOnce(&Testbed) -> String) -> Setup {
             "proxy",
             "--listen",
             &format!("0.0.0.0:{PROXY_PORT}"),
+            "--listen",
+            &format!("[::]:{PROXY_PORT}"),
             "--log-level",
             "info",
         ])
@@ -133,25 +171,9 @@ listen = ["127.0.0.1:{AGENT_PORT}"]
 control = "{control}"
 manage_routes = true
 wait_timeout = "60s"
-
-[[interface]]
-name = "wired0"
-proxy = "{pw}:{PROXY_PORT}"
-cost = "free"
-bandwidth = "high"
-tags = ["lan"]
-
-[[interface]]
-name = "radio0"
-proxy = "{pr}:{PROXY_PORT}"
-cost = "expensive"
-bandwidth = "low"
-tags = ["wan"]
-{rules}"#,
+{body}"#,
         control = dir.join("agent.sock").display(),
-        pw = tb.px_wired_ip,
-        pr = tb.px_radio_ip,
-        rules = rules(&tb),
+        body = body(&tb),
     );
     let config_path = dir.join("agent.toml");
     std::fs::write(&config_path, config).unwrap();
