@@ -1,0 +1,146 @@
+//! Loading the datapath object and attaching it at tc ingress (clsact,
+//! direct action) of the proxy's interfaces.
+
+use aya::maps::{Array, HashMap, MapData};
+use aya::programs::tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions};
+use aya::programs::{SchedClassifier, TcAttachType};
+use aya::Ebpf;
+
+use crate::maps::{SpliceKey, SpliceVal, STAT_NAMES};
+use crate::Error;
+
+/// The object `build.rs` compiled from `bpf/splice.bpf.c`, embedded with
+/// the alignment the ELF parser needs (plain `include_bytes!` is 1-aligned).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/splice.bpf.o"));
+const PROGRAM: &str = "splice_ingress";
+const TABLE: &str = "splice_table";
+const STATS: &str = "splice_stats";
+
+/// The loaded datapath: the program, its maps, and where it is attached.
+///
+/// Dropping it detaches the program from every interface. The detach goes
+/// through netlink of the *calling thread's* network namespace, so drop it
+/// in the namespace where [`Datapath::attach`] ran.
+pub struct Datapath {
+    ebpf: Ebpf,
+    attached: Vec<(String, SchedClassifierLinkId)>,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("attached", &self.attached)
+            .finish_non_exhaustive()
+    }
+}
+
+fn boxed<E: std::error::Error + Send + Sync + 'static>(
+    e: E,
+) -> Box<dyn std::error::Error + Send + Sync> {
+    Box::new(e)
+}
+
+impl Datapath {
+    /// Loads the object into the kernel and verifies the program. Needs
+    /// `CAP_BPF` and `CAP_NET_ADMIN` (root).
+    pub fn load() -> Result<Datapath, Error> {
+        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| Error::Load(boxed(e)))?;
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(PROGRAM)
+            .ok_or(Error::Missing(PROGRAM))?
+            .try_into()
+            .map_err(|e| Error::Load(boxed(e)))?;
+        prog.load().map_err(|e| Error::Load(boxed(e)))?;
+        Ok(Datapath {
+            ebpf,
+            attached: Vec::new(),
+        })
+    }
+
+    /// Attaches the program at ingress of `iface` (in the calling thread's
+    /// network namespace), adding the clsact qdisc if it is not there.
+    pub fn attach(&mut self, iface: &str) -> Result<(), Error> {
+        if let Err(e) = tc::qdisc_add_clsact(iface) {
+            // EEXIST: a clsact qdisc is already there, which is what we need.
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                return Err(Error::Attach {
+                    iface: iface.to_owned(),
+                    source: boxed(e),
+                });
+            }
+        }
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(PROGRAM)
+            .ok_or(Error::Missing(PROGRAM))?
+            .try_into()
+            .map_err(|e| Error::Load(boxed(e)))?;
+        // Netlink (cls_bpf, direct action) rather than TCX: it works on
+        // every kernel with clsact, which is what this platform was checked
+        // with.
+        let id = prog
+            .attach_with_options(
+                iface,
+                TcAttachType::Ingress,
+                TcAttachOptions::Netlink(NlOptions::default()),
+            )
+            .map_err(|e| Error::Attach {
+                iface: iface.to_owned(),
+                source: boxed(e),
+            })?;
+        self.attached.push((iface.to_owned(), id));
+        Ok(())
+    }
+
+    /// Interfaces the program is attached to.
+    pub fn interfaces(&self) -> impl Iterator<Item = &str> {
+        self.attached.iter().map(|(i, _)| i.as_str())
+    }
+
+    /// The splice table.
+    pub(crate) fn table(&mut self) -> Result<HashMap<&mut MapData, SpliceKey, SpliceVal>, Error> {
+        let map = self.ebpf.map_mut(TABLE).ok_or(Error::Missing(TABLE))?;
+        HashMap::try_from(map).map_err(|e| Error::Map(boxed(e)))
+    }
+
+    /// The datapath's global counters, by name.
+    pub fn stats(&mut self) -> Result<Vec<(&'static str, u64)>, Error> {
+        let map = self.ebpf.map_mut(STATS).ok_or(Error::Missing(STATS))?;
+        let arr: Array<&mut MapData, u64> =
+            Array::try_from(map).map_err(|e| Error::Map(boxed(e)))?;
+        let mut out = Vec::with_capacity(STAT_NAMES.len());
+        for (i, name) in STAT_NAMES.iter().enumerate() {
+            let idx = u32::try_from(i).unwrap_or(u32::MAX);
+            out.push((*name, arr.get(&idx, 0).map_err(|e| Error::Map(boxed(e)))?));
+        }
+        Ok(out)
+    }
+}
+
+/// Index of the interface (in the calling thread's network namespace) that
+/// holds `ip`. Rewritten segments leave by it: the proxy's socket on that
+/// connection would have used the same source address.
+pub fn ifindex_of_addr(ip: std::net::IpAddr) -> Result<u32, Error> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| Error::Socket {
+        op: "getifaddrs",
+        source: e.into(),
+    })?;
+    for a in addrs {
+        let Some(sa) = a.address else { continue };
+        let matches = match ip {
+            std::net::IpAddr::V4(v4) => sa.as_sockaddr_in().is_some_and(|s| s.ip() == v4),
+            std::net::IpAddr::V6(v6) => sa.as_sockaddr_in6().is_some_and(|s| s.ip() == v6),
+        };
+        if matches {
+            return nix::net::if_::if_nametoindex(a.interface_name.as_str()).map_err(|e| {
+                Error::Socket {
+                    op: "if_nametoindex",
+                    source: e.into(),
+                }
+            });
+        }
+    }
+    Err(Error::Incompatible(format!(
+        "no interface holds the proxy address {ip}"
+    )))
+}

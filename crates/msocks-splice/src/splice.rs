@@ -1,0 +1,465 @@
+//! The control plane: freezing the proxy's two sockets and installing the
+//! splice without losing a byte, then tearing it down silently.
+//!
+//! The sequence (docs/KERNEL-SPLICE.md explains why it is race-free):
+//! 1. check that both connections negotiated the same options and MSSes
+//!    that fit each other;
+//! 2. install both directions in HOLD: from now on no new data enters the
+//!    proxy's sockets (the datapath drops it unacknowledged, so the senders
+//!    retransmit it), while pure ACKs still reach them;
+//! 3. drain: copy what is in either receive queue to the other socket and
+//!    wait until both receive and both send queues are empty;
+//! 4. flush any owed ACK (TCP_QUICKACK), freeze both sockets (TCP_REPAIR),
+//!    read `snd_nxt`/`rcv_nxt`, timestamp clocks and window scales;
+//! 5. switch both directions to ACTIVE with the computed basepoints.
+//!
+//! Any failure before step 5 removes the entries, takes the sockets out of
+//! repair mode without sending anything, and hands them back for the
+//! userspace relay: nothing was lost (bytes the datapath dropped in HOLD
+//! are retransmitted by their senders to the unfrozen sockets).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::loader::Datapath;
+use crate::mapping::{ConnState, DirMap};
+use crate::maps::{
+    addr_words, SpliceKey, SpliceVal, EV_FIN_ACKED, EV_RST, OPT_SACK, OPT_TS, STATE_ACTIVE,
+    STATE_HOLD,
+};
+use crate::repair::{self, Info, TCPI_OPT_ECN, TCPI_OPT_SACK, TCPI_OPT_TIMESTAMPS};
+use crate::Error;
+
+/// A shared handle on the loaded datapath.
+pub type SharedDatapath = Arc<Mutex<Datapath>>;
+
+/// How long step 3 may take before the splice is abandoned for the relay.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A splice that could not be installed, with the two sockets, unchanged
+/// and usable, for the caller's fallback relay.
+#[derive(Debug)]
+pub struct Refused {
+    /// Why.
+    pub error: Error,
+    /// The client-side connection.
+    pub client: TcpStream,
+    /// The server-side connection.
+    pub server: TcpStream,
+}
+
+/// Where a splice is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Segments are flowing (or idle).
+    Active,
+    /// Both FINs were acknowledged, or a RST went through: the connections
+    /// are over and the splice may be torn down.
+    Finished,
+}
+
+/// The basepoints and counters of an installed splice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Basepoints {
+    /// Client connection's state when frozen.
+    pub client: ConnState,
+    /// Server connection's state when frozen.
+    pub server: ConnState,
+}
+
+/// An installed splice. Owns the two frozen sockets; dropping it (or
+/// [`Spliced::teardown`]) removes the table entries and closes the sockets
+/// in repair mode, which sends nothing.
+#[derive(Debug)]
+pub struct Spliced {
+    datapath: SharedDatapath,
+    to_server: SpliceKey,
+    to_client: SpliceKey,
+    client: Option<TcpStream>,
+    server: Option<TcpStream>,
+    basepoints: Basepoints,
+}
+
+fn lock(dp: &SharedDatapath) -> MutexGuard<'_, Datapath> {
+    // A panic while holding the lock leaves the map itself consistent (the
+    // kernel owns it), so a poisoned lock is still usable.
+    dp.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn sock_err(op: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Socket { op, source }
+}
+
+fn same_family(a: SocketAddr, b: SocketAddr) -> bool {
+    a.is_ipv4() == b.is_ipv4()
+}
+
+/// Checks that segments of one connection are valid on the other as they
+/// are: same options, and neither sender's segments too big for the other
+/// receiver.
+fn compatible(c: &Info, s: &Info) -> Result<(), Error> {
+    let mask = TCPI_OPT_TIMESTAMPS | TCPI_OPT_SACK | TCPI_OPT_ECN;
+    if c.options & mask != s.options & mask {
+        return Err(Error::Incompatible(format!(
+            "TCP options differ (client {:#x}, server {:#x})",
+            c.options & mask,
+            s.options & mask
+        )));
+    }
+    if c.state != 1 || s.state != 1 {
+        return Err(Error::Incompatible(
+            "a connection is not ESTABLISHED".into(),
+        ));
+    }
+    let optlen = if c.options & TCPI_OPT_TIMESTAMPS != 0 {
+        12
+    } else {
+        0
+    };
+    // The client sends segments of at most (our advmss - options) bytes;
+    // the server accepts at most its MSS - options = our snd_mss there.
+    if c.advmss > s.snd_mss + optlen || s.advmss > c.snd_mss + optlen {
+        return Err(Error::Incompatible(format!(
+            "MSS: client leg announces {} / sends {}, server leg announces {} / sends {}; \
+             clamp both (TCP_MAXSEG) to the smaller",
+            c.advmss, c.snd_mss, s.advmss, s.snd_mss
+        )));
+    }
+    Ok(())
+}
+
+fn value(
+    state: u32,
+    opts: u32,
+    map: &DirMap,
+    from: SocketAddr,
+    to: SocketAddr,
+    out: &ConnState,
+    out_ifindex: u32,
+) -> SpliceVal {
+    SpliceVal {
+        out_ifindex,
+        state,
+        opts,
+        new_saddr: addr_words(from.ip()),
+        new_daddr: addr_words(to.ip()),
+        new_sport: from.port().to_be(),
+        new_dport: to.port().to_be(),
+        seq_delta: map.seq_delta,
+        ack_delta: map.ack_delta,
+        splice_seq: map.splice_seq,
+        wscale_in: map.wscale_in,
+        wscale_out: map.wscale_out,
+        out_tsoffset: out.ts_offset,
+        ..SpliceVal::default()
+    }
+}
+
+fn hold_value() -> SpliceVal {
+    SpliceVal {
+        state: STATE_HOLD,
+        ..SpliceVal::default()
+    }
+}
+
+/// Splices `client` (accepted from the mobile node) and `server` (connected
+/// by the proxy). Blocking; at most `drain_timeout` plus a few system calls.
+///
+/// The sockets may be blocking or not; on refusal they come back in
+/// blocking mode.
+pub fn splice(
+    datapath: &SharedDatapath,
+    client: TcpStream,
+    server: TcpStream,
+    drain_timeout: Duration,
+) -> Result<Spliced, Box<Refused>> {
+    let refuse = |error: Error, client: TcpStream, server: TcpStream| {
+        Box::new(Refused {
+            error,
+            client,
+            server,
+        })
+    };
+    let addrs = (|| -> Result<_, Error> {
+        Ok((
+            client.local_addr().map_err(sock_err("getsockname"))?,
+            client.peer_addr().map_err(sock_err("getpeername"))?,
+            server.local_addr().map_err(sock_err("getsockname"))?,
+            server.peer_addr().map_err(sock_err("getpeername"))?,
+        ))
+    })();
+    let (c_local, c_peer, s_local, s_peer) = match addrs {
+        Ok(a) => a,
+        Err(e) => return Err(refuse(e, client, server)),
+    };
+    if !same_family(c_peer, s_peer) {
+        return Err(refuse(
+            Error::Incompatible("client and server legs are of different IP families".into()),
+            client,
+            server,
+        ));
+    }
+    let infos = repair::info(client.as_fd())
+        .and_then(|c| Ok((c, repair::info(server.as_fd())?)))
+        .map_err(sock_err("TCP_INFO"));
+    let (c_info, _) = match infos.and_then(|(c, s)| compatible(&c, &s).map(|()| (c, s))) {
+        Ok(i) => i,
+        Err(e) => return Err(refuse(e, client, server)),
+    };
+    let ifindexes = crate::loader::ifindex_of_addr(s_local.ip())
+        .and_then(|s| Ok((s, crate::loader::ifindex_of_addr(c_local.ip())?)));
+    let (s_ifindex, c_ifindex) = match ifindexes {
+        Ok(i) => i,
+        Err(e) => return Err(refuse(e, client, server)),
+    };
+    let to_server = SpliceKey::new(c_peer, c_local);
+    let to_client = SpliceKey::new(s_peer, s_local);
+
+    // Step 2: HOLD. NOEXIST: never take over another splice's entry.
+    let held = (|| -> Result<(), Error> {
+        let mut dp = lock(datapath);
+        let mut table = dp.table()?;
+        table
+            .insert(to_server, hold_value(), 1)
+            .map_err(|e| Error::Map(Box::new(e)))?;
+        if let Err(e) = table.insert(to_client, hold_value(), 1) {
+            let _ = table.remove(&to_server);
+            return Err(Error::Map(Box::new(e)));
+        }
+        Ok(())
+    })();
+    if let Err(e) = held {
+        return Err(refuse(e, client, server));
+    }
+    let remove_entries = || {
+        let mut dp = lock(datapath);
+        if let Ok(mut table) = dp.table() {
+            let _ = table.remove(&to_server);
+            let _ = table.remove(&to_client);
+        }
+    };
+
+    // Steps 3 and 4.
+    let frozen = freeze(&client, &server, drain_timeout);
+    let (c_state, s_state) = match frozen {
+        Ok(s) => s,
+        Err(e) => {
+            remove_entries();
+            // Out of repair mode (if we got that far) without a window
+            // probe; errors here leave the socket as it was.
+            let _ = repair::set_repair(client.as_fd(), false);
+            let _ = repair::set_repair(server.as_fd(), false);
+            return Err(refuse(e, client, server));
+        }
+    };
+
+    // Step 5.
+    let mut opts = 0;
+    if c_info.options & TCPI_OPT_TIMESTAMPS != 0 {
+        opts |= OPT_TS;
+    }
+    if c_info.options & TCPI_OPT_SACK != 0 {
+        opts |= OPT_SACK;
+    }
+    let fwd = DirMap::new(&c_state, &s_state);
+    let rev = DirMap::new(&s_state, &c_state);
+    let v_fwd = value(
+        STATE_ACTIVE,
+        opts,
+        &fwd,
+        s_local,
+        s_peer,
+        &s_state,
+        s_ifindex,
+    );
+    let v_rev = value(
+        STATE_ACTIVE,
+        opts,
+        &rev,
+        c_local,
+        c_peer,
+        &c_state,
+        c_ifindex,
+    );
+    let activated = (|| -> Result<(), Error> {
+        let mut dp = lock(datapath);
+        let mut table = dp.table()?;
+        table
+            .insert(to_server, v_fwd, 0)
+            .map_err(|e| Error::Map(Box::new(e)))?;
+        table
+            .insert(to_client, v_rev, 0)
+            .map_err(|e| Error::Map(Box::new(e)))?;
+        Ok(())
+    })();
+    if let Err(e) = activated {
+        remove_entries();
+        let _ = repair::set_repair(client.as_fd(), false);
+        let _ = repair::set_repair(server.as_fd(), false);
+        return Err(refuse(e, client, server));
+    }
+    tracing::debug!(?c_state, ?s_state, "splice active");
+    Ok(Spliced {
+        datapath: Arc::clone(datapath),
+        to_server,
+        to_client,
+        client: Some(client),
+        server: Some(server),
+        basepoints: Basepoints {
+            client: c_state,
+            server: s_state,
+        },
+    })
+}
+
+/// Steps 3 and 4: drain both sockets, then freeze them and read their state.
+fn freeze(
+    client: &TcpStream,
+    server: &TcpStream,
+    timeout: Duration,
+) -> Result<(ConnState, ConnState), Error> {
+    for s in [&*client, &*server] {
+        s.set_nonblocking(false)
+            .map_err(sock_err("set_nonblocking"))?;
+        s.set_write_timeout(Some(timeout))
+            .map_err(sock_err("SO_SNDTIMEO"))?;
+    }
+    let deadline = Instant::now() + timeout;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let mut moved = false;
+        for (mut from, mut to) in [(&*client, &*server), (&*server, &*client)] {
+            let n = repair::inq(from.as_fd()).map_err(sock_err("SIOCINQ"))? as usize;
+            if n > 0 {
+                // SIOCINQ bytes are there, so this read does not block.
+                let want = n.min(buf.len());
+                let got = from.read(&mut buf[..want]).map_err(sock_err("read"))?;
+                to.write_all(&buf[..got]).map_err(sock_err("write"))?;
+                moved = true;
+            } else if peer_closed(from)? {
+                return Err(Error::PeerClosed);
+            }
+        }
+        if !moved {
+            for s in [&*client, &*server] {
+                repair::quickack(s.as_fd()).map_err(sock_err("TCP_QUICKACK"))?;
+            }
+            let quiet =
+                [&*client, &*server]
+                    .iter()
+                    .try_fold(true, |acc, s| -> Result<bool, Error> {
+                        let q = repair::inq(s.as_fd()).map_err(sock_err("SIOCINQ"))?
+                            + repair::outq(s.as_fd()).map_err(sock_err("SIOCOUTQ"))?;
+                        Ok(acc && q == 0)
+                    })?;
+            if quiet {
+                break;
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::DrainTimeout);
+        }
+        if !moved {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    for s in [&*client, &*server] {
+        repair::set_repair(s.as_fd(), true).map_err(sock_err("TCP_REPAIR"))?;
+    }
+    // Nothing can have arrived since (HOLD drops data), but check: a
+    // non-empty queue now would be a byte the splice loses.
+    for s in [&*client, &*server] {
+        let q = repair::inq(s.as_fd()).map_err(sock_err("SIOCINQ"))?
+            + repair::outq(s.as_fd()).map_err(sock_err("SIOCOUTQ"))?;
+        if q != 0 {
+            return Err(Error::DrainTimeout);
+        }
+    }
+    let c_info = repair::info(client.as_fd()).map_err(sock_err("TCP_INFO"))?;
+    let s_info = repair::info(server.as_fd()).map_err(sock_err("TCP_INFO"))?;
+    let c = repair::read_state(client.as_fd(), &c_info).map_err(sock_err("TCP_QUEUE_SEQ"))?;
+    let s = repair::read_state(server.as_fd(), &s_info).map_err(sock_err("TCP_QUEUE_SEQ"))?;
+    Ok((c, s))
+}
+
+/// Whether the peer's FIN is in: a half-closed connection is not spliced.
+fn peer_closed(s: &TcpStream) -> Result<bool, Error> {
+    let mut b = [0u8; 1];
+    s.set_nonblocking(true)
+        .map_err(sock_err("set_nonblocking"))?;
+    let r = s.peek(&mut b);
+    s.set_nonblocking(false)
+        .map_err(sock_err("set_nonblocking"))?;
+    match r {
+        Ok(0) => Ok(true),
+        Ok(_) => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(Error::Socket {
+            op: "peek",
+            source: e,
+        }),
+    }
+}
+
+impl Spliced {
+    /// The two connections' state when they were frozen.
+    pub fn basepoints(&self) -> Basepoints {
+        self.basepoints
+    }
+
+    /// Reads both directions' entries: (to server, to client).
+    pub fn entries(&self) -> Result<(SpliceVal, SpliceVal), Error> {
+        let mut dp = lock(&self.datapath);
+        let table = dp.table()?;
+        let a = table
+            .get(&self.to_server, 0)
+            .map_err(|e| Error::Map(Box::new(e)))?;
+        let b = table
+            .get(&self.to_client, 0)
+            .map_err(|e| Error::Map(Box::new(e)))?;
+        Ok((a, b))
+    }
+
+    /// Whether the spliced connections are over.
+    pub fn status(&self) -> Result<Status, Error> {
+        let (a, b) = self.entries()?;
+        let fins = a.events & EV_FIN_ACKED != 0 && b.events & EV_FIN_ACKED != 0;
+        let rst = (a.events | b.events) & EV_RST != 0;
+        Ok(if fins || rst {
+            Status::Finished
+        } else {
+            Status::Active
+        })
+    }
+
+    /// Removes the entries and closes the frozen sockets without sending
+    /// anything. Call it a little after [`Status::Finished`] (a lingering
+    /// retransmitted FIN or ACK then still finds the entry).
+    pub fn teardown(mut self) {
+        self.release();
+    }
+
+    fn release(&mut self) {
+        {
+            let mut dp = lock(&self.datapath);
+            if let Ok(mut table) = dp.table() {
+                let _ = table.remove(&self.to_server);
+                let _ = table.remove(&self.to_client);
+            }
+        }
+        // Still in repair mode: close() ends them silently.
+        self.client.take();
+        self.server.take();
+    }
+}
+
+impl Drop for Spliced {
+    fn drop(&mut self) {
+        if self.client.is_some() {
+            self.release();
+        }
+    }
+}
