@@ -172,12 +172,25 @@ struct ProxyResult {
 }
 
 #[test]
-fn splice_64mib_each_way_with_packet_evidence() {
-    if !msocks_testbed::require_root("splice_64mib_each_way_with_packet_evidence") {
+fn splice_ipv4_64mib_each_way_with_packet_evidence() {
+    if !msocks_testbed::require_root("splice_ipv4_64mib_each_way_with_packet_evidence") {
         return;
     }
+    run(false);
+}
+
+#[test]
+fn splice_ipv6_64mib_each_way_with_packet_evidence() {
+    if !msocks_testbed::require_root("splice_ipv6_64mib_each_way_with_packet_evidence") {
+        return;
+    }
+    run(true);
+}
+
+fn run(v6: bool) {
     let tb = Testbed::mobile_proxy_server().expect("testbed");
-    let dir = std::env::temp_dir().join(format!("msocks-splice-{}", std::process::id()));
+    let family = if v6 { "v6" } else { "v4" };
+    let dir = std::env::temp_dir().join(format!("msocks-splice-{}-{family}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("capture dir");
 
     // Load and attach inside px.
@@ -197,8 +210,13 @@ fn splice_64mib_each_way_with_packet_evidence() {
     let cap_a = Capture::start(&tb.px, Link::Wired.px_if(), &dir.join("client-side.pcap"));
     let cap_b = Capture::start(&tb.px, SV_IF_ON_PX, &dir.join("server-side.pcap"));
 
-    let sv_addr = SocketAddr::new(tb.sv_ip.into(), SERVER_PORT);
-    let px_addr = SocketAddr::new(tb.px_wired_ip.into(), PROXY_PORT);
+    let (sv_ip, px_ip): (std::net::IpAddr, std::net::IpAddr) = if v6 {
+        (tb.sv_ip6.into(), tb.px_wired_ip6.into())
+    } else {
+        (tb.sv_ip.into(), tb.px_wired_ip.into())
+    };
+    let sv_addr = SocketAddr::new(sv_ip, SERVER_PORT);
+    let px_addr = SocketAddr::new(px_ip, PROXY_PORT);
 
     // Server: read the prologue and 1 MiB, then send 64 MiB while reading
     // the rest; close after both.
