@@ -10,12 +10,14 @@
 //!
 //! Modules: [`mapping`] (the arithmetic, sans I/O), [`maps`] (the table
 //! layout shared with the C datapath), and on Linux [`repair`] (socket
-//! freezing), [`loader`] (loading and attaching) and [`splice`] (the
-//! control plane).
+//! freezing), [`loader`] (loading and attaching), [`splice`] (the
+//! control plane) and [`engine`] (all of it as one service for the proxy).
 
 pub mod mapping;
 pub mod maps;
 
+#[cfg(target_os = "linux")]
+pub mod engine;
 #[cfg(target_os = "linux")]
 pub mod loader;
 #[cfg(target_os = "linux")]
@@ -23,6 +25,8 @@ pub mod repair;
 #[cfg(target_os = "linux")]
 pub mod splice;
 
+#[cfg(target_os = "linux")]
+pub use engine::Engine;
 #[cfg(target_os = "linux")]
 pub use loader::Datapath;
 #[cfg(target_os = "linux")]

@@ -24,6 +24,9 @@ const STATS: &str = "splice_stats";
 pub struct Datapath {
     ebpf: Ebpf,
     attached: Vec<(String, SchedClassifierLinkId)>,
+    /// Interface indexes of `attached`, to refuse splices whose packets
+    /// would arrive where the program does not run.
+    ifindexes: Vec<u32>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -54,6 +57,7 @@ impl Datapath {
         Ok(Datapath {
             ebpf,
             attached: Vec::new(),
+            ifindexes: Vec::new(),
         })
     }
 
@@ -89,7 +93,15 @@ impl Datapath {
                 source: boxed(e),
             })?;
         self.attached.push((iface.to_owned(), id));
+        if let Ok(i) = nix::net::if_::if_nametoindex(iface) {
+            self.ifindexes.push(i);
+        }
         Ok(())
+    }
+
+    /// Whether the program runs at ingress of interface `ifindex`.
+    pub fn covers(&self, ifindex: u32) -> bool {
+        self.ifindexes.contains(&ifindex)
     }
 
     /// Interfaces the program is attached to.
@@ -143,4 +155,27 @@ pub fn ifindex_of_addr(ip: std::net::IpAddr) -> Result<u32, Error> {
     Err(Error::Incompatible(format!(
         "no interface holds the proxy address {ip}"
     )))
+}
+
+/// Names of the interfaces (in the calling thread's network namespace)
+/// the engine attaches to by default: every one but loopback. Loopback is
+/// left out because the datapath rewrites Ethernet headers; sessions
+/// arriving over it are refused by [`crate::splice()`] and relayed.
+pub fn default_interfaces() -> Result<Vec<String>, Error> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| Error::Socket {
+        op: "getifaddrs",
+        source: e.into(),
+    })?;
+    let mut names: Vec<String> = Vec::new();
+    for a in addrs {
+        if a.flags
+            .contains(nix::net::if_::InterfaceFlags::IFF_LOOPBACK)
+        {
+            continue;
+        }
+        if !names.contains(&a.interface_name) {
+            names.push(a.interface_name);
+        }
+    }
+    Ok(names)
 }

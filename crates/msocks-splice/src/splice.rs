@@ -215,6 +215,22 @@ pub fn splice(
         Ok(i) => i,
         Err(e) => return Err(refuse(e, client, server)),
     };
+    // Segments of each connection must reach the program: it must run on
+    // the interface each one arrives by (the one holding the proxy's
+    // address, with symmetric routing).
+    let covered = {
+        let dp = lock(datapath);
+        dp.covers(s_ifindex) && dp.covers(c_ifindex)
+    };
+    if !covered {
+        return Err(refuse(
+            Error::Incompatible(format!(
+                "the datapath is not attached to interface {c_ifindex} or {s_ifindex}"
+            )),
+            client,
+            server,
+        ));
+    }
     let to_server = SpliceKey::new(c_peer, c_local);
     let to_client = SpliceKey::new(s_peer, s_local);
 
@@ -321,7 +337,7 @@ fn freeze(
     server: &TcpStream,
     timeout: Duration,
 ) -> Result<(ConnState, ConnState), Error> {
-    for s in [&*client, &*server] {
+    for s in [client, server] {
         s.set_nonblocking(false)
             .map_err(sock_err("set_nonblocking"))?;
         s.set_write_timeout(Some(timeout))
@@ -331,7 +347,7 @@ fn freeze(
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let mut moved = false;
-        for (mut from, mut to) in [(&*client, &*server), (&*server, &*client)] {
+        for (mut from, mut to) in [(client, server), (server, client)] {
             let n = repair::inq(from.as_fd()).map_err(sock_err("SIOCINQ"))? as usize;
             if n > 0 {
                 // SIOCINQ bytes are there, so this read does not block.
@@ -344,11 +360,11 @@ fn freeze(
             }
         }
         if !moved {
-            for s in [&*client, &*server] {
+            for s in [client, server] {
                 repair::quickack(s.as_fd()).map_err(sock_err("TCP_QUICKACK"))?;
             }
             let quiet =
-                [&*client, &*server]
+                [client, server]
                     .iter()
                     .try_fold(true, |acc, s| -> Result<bool, Error> {
                         let q = repair::inq(s.as_fd()).map_err(sock_err("SIOCINQ"))?
@@ -366,12 +382,12 @@ fn freeze(
             std::thread::sleep(Duration::from_millis(1));
         }
     }
-    for s in [&*client, &*server] {
+    for s in [client, server] {
         repair::set_repair(s.as_fd(), true).map_err(sock_err("TCP_REPAIR"))?;
     }
     // Nothing can have arrived since (HOLD drops data), but check: a
     // non-empty queue now would be a byte the splice loses.
-    for s in [&*client, &*server] {
+    for s in [client, server] {
         let q = repair::inq(s.as_fd()).map_err(sock_err("SIOCINQ"))?
             + repair::outq(s.as_fd()).map_err(sock_err("SIOCOUTQ"))?;
         if q != 0 {
@@ -421,6 +437,25 @@ impl Spliced {
             .get(&self.to_client, 0)
             .map_err(|e| Error::Map(Box::new(e)))?;
         Ok((a, b))
+    }
+
+    /// Payload bytes forwarded (up = client to server, down), counted from
+    /// the basepoints to the FIN where there was one, else (after a RST or
+    /// while running) the datapath's byte counter, which includes
+    /// retransmissions.
+    pub fn forwarded(&self) -> Result<(u64, u64), Error> {
+        let (up, down) = self.entries()?;
+        let count = |v: &SpliceVal, start: u32| -> u64 {
+            if v.events & crate::maps::EV_FIN != 0 {
+                u64::from(v.fin_end.wrapping_sub(1).wrapping_sub(start))
+            } else {
+                v.bytes
+            }
+        };
+        Ok((
+            count(&up, self.basepoints.server.snd_nxt),
+            count(&down, self.basepoints.client.snd_nxt),
+        ))
     }
 
     /// Whether the spliced connections are over.

@@ -364,7 +364,7 @@ fn run(v6: bool) {
     let b_segs = evidence::read(&b_path).expect("server-side capture");
     let a = evidence::Conn::find(&a_segs, px.client_peer, px.client_local).expect("conn A");
     let b = evidence::Conn::find(&b_segs, px.server_local, sv_addr).expect("conn B");
-    let acks = evidence::check_acks_follow_client(&a_segs, &a, &b_segs, &b).expect("(a) ACKs");
+    let acks = evidence::check_acks_follow_client(&a_segs, &a, &b_segs, &b, 0).expect("(a) ACKs");
     assert!(acks > 100, "(a) checked only {acks} ACKs");
     let copies = evidence::check_nothing_originated(&a_segs, &a, &b_segs, &b, px.t_splice)
         .expect("(b) nothing originated");

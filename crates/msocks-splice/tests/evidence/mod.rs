@@ -143,18 +143,21 @@ impl Conn {
 }
 
 /// (a): every ACK the server received acknowledges only down bytes the
-/// client had already acknowledged. Returns the number of ACKs checked.
+/// client had already acknowledged. `down_shift` is how many bytes the
+/// proxy itself sent the client before the server's first byte (a SOCKS
+/// reply; 0 in the splice test). Returns the number of ACKs checked.
 pub fn check_acks_follow_client(
     a_segs: &[Seg],
     a: &Conn,
     b_segs: &[Seg],
     b: &Conn,
+    down_shift: i64,
 ) -> Result<usize, String> {
     // The client's acknowledgements of the down stream, in capture order.
     let mut client_acks: Vec<(Duration, i64)> = a_segs
         .iter()
         .filter(|s| s.src == a.active && s.ack_flag)
-        .map(|s| (s.ts, a.ack_offset(a.active, s.ack)))
+        .map(|s| (s.ts, a.ack_offset(a.active, s.ack) - down_shift))
         .collect();
     client_acks.sort_by_key(|x| x.0);
     let mut best = Vec::with_capacity(client_acks.len());

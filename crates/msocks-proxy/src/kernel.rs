@@ -1,0 +1,176 @@
+//! The `kernel` engine for plain sessions: after the SOCKS exchange the two sockets go to
+//! [`msocks_splice`], which splices them at packet level (Linux, root). Wherever that
+//! cannot happen — another OS, no privilege, no BPF, a session whose connections cannot be
+//! spliced — the session runs on the `relay` engine instead, and the log says why.
+
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tracing::info;
+
+use crate::config::EngineKind;
+use crate::relay::Traffic;
+use crate::server::Shared;
+
+/// What the caller does next.
+pub(crate) enum KernelRun {
+    /// The session ran spliced and is over, for this reason.
+    Ended(String),
+    /// Run the relay on these sockets; `early_sent` says whether the client's early bytes
+    /// were already written to the server.
+    Relay {
+        client: TcpStream,
+        server: TcpStream,
+        early_sent: bool,
+    },
+}
+
+/// How often a live splice is checked for its end (both FINs acknowledged, or a RST).
+#[cfg(target_os = "linux")]
+const POLL: Duration = Duration::from_millis(100);
+/// How long a finished splice's entries stay, so a retransmitted last FIN or ACK is still
+/// rewritten rather than answered with a RST by the proxy's own stack.
+#[cfg(target_os = "linux")]
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Runs the session on the kernel engine when it is configured and possible.
+pub(crate) async fn run(
+    shared: &Shared,
+    session: u64,
+    client: TcpStream,
+    mut server: TcpStream,
+    early: &[u8],
+    traffic: &Traffic,
+) -> KernelRun {
+    if shared.config.engine.kind != EngineKind::Kernel {
+        info!(session, engine = "relay", "engine");
+        return KernelRun::Relay {
+            client,
+            server,
+            early_sent: false,
+        };
+    }
+    if !early.is_empty() {
+        if let Err(e) = server.write_all(early).await {
+            return KernelRun::Ended(format!("writing the client's early data: {e}"));
+        }
+        traffic
+            .up
+            .fetch_add(early.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+    spliced(shared, session, client, server, traffic).await
+}
+
+#[cfg(not(target_os = "linux"))]
+async fn spliced(
+    _shared: &Shared,
+    session: u64,
+    client: TcpStream,
+    server: TcpStream,
+    _traffic: &Traffic,
+) -> KernelRun {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        tracing::warn!(
+            "kernel splice engine unavailable (it needs Linux); sessions use the relay engine"
+        )
+    });
+    info!(session, engine = "relay", "engine");
+    KernelRun::Relay {
+        client,
+        server,
+        early_sent: true,
+    }
+}
+
+#[cfg(target_os = "linux")]
+static ENGINE: std::sync::OnceLock<Option<msocks_splice::Engine>> = std::sync::OnceLock::new();
+
+/// The process's engine, loaded at the first kernel session; `None` (logged once) where
+/// it cannot load.
+#[cfg(target_os = "linux")]
+fn engine(interfaces: &[String]) -> Option<&'static msocks_splice::Engine> {
+    ENGINE
+        .get_or_init(|| match msocks_splice::Engine::start(interfaces) {
+            Ok(e) => {
+                info!("kernel splice engine loaded");
+                Some(e)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "kernel splice engine unavailable ({e}); sessions use the relay engine"
+                );
+                None
+            }
+        })
+        .as_ref()
+}
+
+#[cfg(target_os = "linux")]
+async fn spliced(
+    shared: &Shared,
+    session: u64,
+    client: TcpStream,
+    server: TcpStream,
+    traffic: &Traffic,
+) -> KernelRun {
+    use msocks_splice::Status;
+    use std::sync::atomic::Ordering;
+
+    let (c, s) = match (client.into_std(), server.into_std()) {
+        (Ok(c), Ok(s)) => (c, s),
+        // into_std only fails when deregistering from the reactor fails; the sockets are
+        // then gone with the error.
+        (Err(e), _) | (_, Err(e)) => return KernelRun::Ended(format!("kernel engine: {e}")),
+    };
+    let interfaces = shared.config.engine.interfaces.clone();
+    let drain = shared.config.engine.drain_timeout;
+    // Loading (the verifier) and the freeze (up to `drain`) block: off the reactor.
+    let attempt = tokio::task::spawn_blocking(move || match engine(&interfaces) {
+        Some(e) => e
+            .splice(c, s, drain)
+            .map_err(|r| (r.client, r.server, r.error.to_string())),
+        None => Err((c, s, "engine unavailable".to_owned())),
+    })
+    .await;
+    let spliced = match attempt {
+        Ok(Ok(sp)) => sp,
+        Ok(Err((c, s, why))) => {
+            info!(session, engine = "relay", reason = %why, "engine: not spliced");
+            let back = c
+                .set_nonblocking(true)
+                .and_then(|()| s.set_nonblocking(true))
+                .and_then(|()| Ok((TcpStream::from_std(c)?, TcpStream::from_std(s)?)));
+            return match back {
+                Ok((client, server)) => KernelRun::Relay {
+                    client,
+                    server,
+                    early_sent: true,
+                },
+                Err(e) => KernelRun::Ended(format!("kernel engine fallback: {e}")),
+            };
+        }
+        Err(e) => return KernelRun::Ended(format!("kernel engine task: {e}")),
+    };
+    info!(session, engine = "kernel", "engine: spliced");
+    let end = loop {
+        tokio::select! {
+            () = shared.abort.cancelled() => break "shut down".to_owned(),
+            () = tokio::time::sleep(POLL) => match spliced.status() {
+                Ok(Status::Finished) => {
+                    tokio::time::sleep(LINGER).await;
+                    break "completed (kernel splice)".to_owned();
+                }
+                Ok(Status::Active) => {}
+                Err(e) => break format!("kernel splice: {e}"),
+            },
+        }
+    };
+    if let Ok((up, down)) = spliced.forwarded() {
+        traffic.up.fetch_add(up, Ordering::Relaxed);
+        traffic.down.fetch_add(down, Ordering::Relaxed);
+    }
+    spliced.teardown();
+    KernelRun::Ended(end)
+}
