@@ -123,6 +123,12 @@ pub fn quickack(fd: BorrowedFd<'_>) -> io::Result<()> {
     set_int(fd, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 1)
 }
 
+/// Turns `SO_KEEPALIVE` off: a keepalive probe is the one thing a socket
+/// with empty queues could still send by itself once frozen.
+pub fn keepalive_off(fd: BorrowedFd<'_>) -> io::Result<()> {
+    set_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 0)
+}
+
 /// Caps the MSS the socket announces and uses (`TCP_MAXSEG`); on a
 /// listener, accepted sockets inherit it. Call before `connect`/`listen`.
 pub fn set_maxseg(fd: BorrowedFd<'_>, mss: u32) -> io::Result<()> {

@@ -383,6 +383,7 @@ fn freeze(
         }
     }
     for s in [client, server] {
+        repair::keepalive_off(s.as_fd()).map_err(sock_err("SO_KEEPALIVE"))?;
         repair::set_repair(s.as_fd(), true).map_err(sock_err("TCP_REPAIR"))?;
     }
     // Nothing can have arrived since (HOLD drops data), but check: a
