@@ -176,6 +176,36 @@ pub fn splice(
     server: TcpStream,
     drain_timeout: Duration,
 ) -> Result<Spliced, Box<Refused>> {
+    splice_with(
+        datapath,
+        client,
+        server,
+        &Options {
+            drain_timeout,
+            hold_settle: Duration::ZERO,
+        },
+    )
+}
+
+/// Tuning of [`splice_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// Longest time the drain may take before the splice is abandoned.
+    pub drain_timeout: Duration,
+    /// Time to stay in HOLD before draining. Zero in production; tests set
+    /// it to make sure segments in flight meet the HOLD state (and are
+    /// dropped, then retransmitted into the splice).
+    pub hold_settle: Duration,
+}
+
+/// [`splice`] with all the [`Options`].
+pub fn splice_with(
+    datapath: &SharedDatapath,
+    client: TcpStream,
+    server: TcpStream,
+    options: &Options,
+) -> Result<Spliced, Box<Refused>> {
+    let drain_timeout = options.drain_timeout;
     let refuse = |error: Error, client: TcpStream, server: TcpStream| {
         Box::new(Refused {
             error,
@@ -257,6 +287,10 @@ pub fn splice(
             let _ = table.remove(&to_client);
         }
     };
+
+    if !options.hold_settle.is_zero() {
+        std::thread::sleep(options.hold_settle);
+    }
 
     // Steps 3 and 4.
     let frozen = freeze(&client, &server, drain_timeout);

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use msocks_splice::{splice, Datapath, Status};
+use msocks_splice::{splice_with, Datapath, Options, Status};
 use msocks_testbed::{Link, Netns, Testbed, SV_IF_ON_PX};
 use sha2::{Digest, Sha256};
 
@@ -171,12 +171,24 @@ struct ProxyResult {
     stats: Vec<(&'static str, u64)>,
 }
 
+/// When the proxy splices.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum When {
+    /// Right after relaying the prologue; the server sends only once the
+    /// splice is active, so all of its stream crosses the splice.
+    Immediately,
+    /// After relaying in userspace for this long with both streams
+    /// running: the freeze happens with data in flight both ways, so HOLD
+    /// drops segments that must come back as retransmissions.
+    MidStream(Duration),
+}
+
 #[test]
 fn splice_ipv4_64mib_each_way_with_packet_evidence() {
     if !msocks_testbed::require_root("splice_ipv4_64mib_each_way_with_packet_evidence") {
         return;
     }
-    run(false);
+    run(false, When::Immediately);
 }
 
 #[test]
@@ -184,13 +196,63 @@ fn splice_ipv6_64mib_each_way_with_packet_evidence() {
     if !msocks_testbed::require_root("splice_ipv6_64mib_each_way_with_packet_evidence") {
         return;
     }
-    run(true);
+    run(true, When::Immediately);
 }
 
-fn run(v6: bool) {
+#[test]
+fn splice_mid_stream_with_data_in_flight_both_ways() {
+    if !msocks_testbed::require_root("splice_mid_stream_with_data_in_flight_both_ways") {
+        return;
+    }
+    run(false, When::MidStream(Duration::from_millis(300)));
+}
+
+/// Copies between the two sockets in userspace until `until`, finishing
+/// every write it started (so no byte is held in the proxy's hands).
+fn relay_until(c: &TcpStream, s: &TcpStream, until: Instant) {
+    c.set_nonblocking(true).expect("nonblocking");
+    s.set_nonblocking(true).expect("nonblocking");
+    let mut buf = vec![0u8; 64 * 1024];
+    while Instant::now() < until {
+        let mut moved = false;
+        for (mut from, to) in [(c, s), (s, c)] {
+            match from.read(&mut buf) {
+                Ok(0) => panic!("peer closed during the relay phase"),
+                Ok(n) => {
+                    moved = true;
+                    let mut off = 0;
+                    while off < n {
+                        match (&*to).write(&buf[off..n]) {
+                            Ok(k) => off += k,
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                thread::sleep(Duration::from_micros(100))
+                            }
+                            Err(e) => panic!("relay write: {e}"),
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("relay read: {e}"),
+            }
+        }
+        if !moved {
+            thread::sleep(Duration::from_micros(100));
+        }
+    }
+}
+
+fn run(v6: bool, when: When) {
     let tb = Testbed::mobile_proxy_server().expect("testbed");
     let family = if v6 { "v6" } else { "v4" };
-    let dir = std::env::temp_dir().join(format!("msocks-splice-{}-{family}", std::process::id()));
+    let mode = if when == When::Immediately {
+        "now"
+    } else {
+        "mid"
+    };
+    let dir = std::env::temp_dir().join(format!(
+        "msocks-splice-{}-{family}-{mode}",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&dir).expect("capture dir");
 
     // Load and attach inside px.
@@ -232,7 +294,12 @@ fn run(v6: bool) {
                 (&s).read_exact(&mut p).expect("server: prologue");
                 assert_eq!(&p, PROLOGUE);
                 let mut h = Sha256::new();
-                let mut first = vec![0u8; SERVER_WAITS_FOR as usize];
+                let waits = if when == When::Immediately {
+                    SERVER_WAITS_FOR
+                } else {
+                    0
+                };
+                let mut first = vec![0u8; waits as usize];
                 (&s).read_exact(&mut first).expect("server: first MiB");
                 h.update(&first);
                 let s2 = s.try_clone().expect("clone");
@@ -244,7 +311,7 @@ fn run(v6: bool) {
                 let (n, _) = {
                     // Continue the hash over the rest.
                     let mut buf = vec![0u8; 64 * 1024];
-                    let mut total = SERVER_WAITS_FOR;
+                    let mut total = waits;
                     loop {
                         let k = (&s).read(&mut buf).expect("server read");
                         if k == 0 {
@@ -275,9 +342,22 @@ fn run(v6: bool) {
                 let mut p = [0u8; 16];
                 (&c).read_exact(&mut p).expect("proxy: prologue");
                 (&s).write_all(&p).expect("proxy: relay prologue");
+                if let When::MidStream(d) = when {
+                    relay_until(&c, &s, Instant::now() + d);
+                }
                 let client_local = c.local_addr().expect("addr");
                 let server_local = s.local_addr().expect("addr");
-                let spliced = match splice(&dp2, c, s, Duration::from_secs(5)) {
+                let options = Options {
+                    drain_timeout: Duration::from_secs(5),
+                    // Mid-stream: stay in HOLD long enough for the
+                    // segments in flight to arrive and be dropped.
+                    hold_settle: if when == When::Immediately {
+                        Duration::ZERO
+                    } else {
+                        Duration::from_millis(50)
+                    },
+                };
+                let spliced = match splice_with(&dp2, c, s, &options) {
                     Ok(sp) => sp,
                     Err(r) => panic!("splice refused: {}", r.error),
                 };
@@ -358,13 +438,26 @@ fn run(v6: bool) {
         spliced > 1000,
         "the datapath forwarded only {spliced} segments"
     );
+    let held = px
+        .stats
+        .iter()
+        .find(|(n, _)| *n == "held_drop")
+        .map(|x| x.1)
+        .unwrap_or(0);
+    if when != When::Immediately {
+        assert!(
+            held > 0,
+            "no segment met the HOLD state: the mid-stream scenario did not happen"
+        );
+    }
 
     // The packet evidence.
     let a_segs = evidence::read(&a_path).expect("client-side capture");
     let b_segs = evidence::read(&b_path).expect("server-side capture");
     let a = evidence::Conn::find(&a_segs, px.client_peer, px.client_local).expect("conn A");
     let b = evidence::Conn::find(&b_segs, px.server_local, sv_addr).expect("conn B");
-    let acks = evidence::check_acks_follow_client(&a_segs, &a, &b_segs, &b, 0).expect("(a) ACKs");
+    let acks = evidence::check_acks_follow_client(&a_segs, &a, &b_segs, &b, 0, px.t_splice)
+        .expect("(a) ACKs");
     assert!(acks > 100, "(a) checked only {acks} ACKs");
     let copies = evidence::check_nothing_originated(&a_segs, &a, &b_segs, &b, px.t_splice)
         .expect("(b) nothing originated");

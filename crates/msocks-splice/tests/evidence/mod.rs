@@ -145,13 +145,16 @@ impl Conn {
 /// (a): every ACK the server received acknowledges only down bytes the
 /// client had already acknowledged. `down_shift` is how many bytes the
 /// proxy itself sent the client before the server's first byte (a SOCKS
-/// reply; 0 in the splice test). Returns the number of ACKs checked.
+/// reply; 0 in the splice test). Only ACKs captured after `after` are
+/// checked (before the splice a relaying proxy acknowledges by itself).
+/// Returns the number of ACKs checked.
 pub fn check_acks_follow_client(
     a_segs: &[Seg],
     a: &Conn,
     b_segs: &[Seg],
     b: &Conn,
     down_shift: i64,
+    after: Duration,
 ) -> Result<usize, String> {
     // The client's acknowledgements of the down stream, in capture order.
     let mut client_acks: Vec<(Duration, i64)> = a_segs
@@ -169,7 +172,7 @@ pub fn check_acks_follow_client(
     let mut checked = 0;
     for s in b_segs
         .iter()
-        .filter(|s| s.dst == b.passive && s.ack_flag && !s.syn)
+        .filter(|s| s.dst == b.passive && s.ack_flag && !s.syn && s.ts > after)
     {
         let o = b.ack_offset(b.active, s.ack);
         if o <= 0 {
