@@ -3,6 +3,7 @@
 //! cannot happen — another OS, no privilege, no BPF, a session whose connections cannot be
 //! spliced — the session runs on the `relay` engine instead, and the log says why.
 
+#[cfg(target_os = "linux")]
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;

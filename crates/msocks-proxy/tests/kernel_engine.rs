@@ -17,7 +17,7 @@ use std::process::{Child, Stdio};
 use std::thread;
 use std::time::Duration;
 
-use msocks_proxy::config::EngineKind;
+use msocks_proxy::config::{EngineConfig, EngineKind};
 use msocks_proxy::{Proxy, ProxyConfig};
 use msocks_testbed::{Link, Netns, Testbed, SV_IF_ON_PX};
 use sha2::{Digest, Sha256};
@@ -148,9 +148,14 @@ fn kernel_engine_splices_a_connect_session() {
                     .build()
                     .expect("runtime");
                 rt.block_on(async move {
-                    let mut config = ProxyConfig::default();
-                    config.listen = vec![px_addr];
-                    config.engine.kind = EngineKind::Kernel;
+                    let config = ProxyConfig {
+                        listen: vec![px_addr],
+                        engine: EngineConfig {
+                            kind: EngineKind::Kernel,
+                            ..EngineConfig::default()
+                        },
+                        ..ProxyConfig::default()
+                    };
                     let proxy = Proxy::bind(config, None).await.expect("proxy bind");
                     let _ = bound_tx.send(());
                     proxy

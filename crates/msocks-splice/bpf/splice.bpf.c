@@ -2,7 +2,8 @@
 /* msocks TCP Splice datapath (tc ingress, clsact, direct action).
  *
  * For every TCP segment arriving on an interface of the proxy, look its
- * 4-tuple up in the splice table. No entry: TC_ACT_OK, the stack handles it.
+ * 4-tuple up in the splice table. No entry: TC_ACT_UNSPEC, the next
+ * classifier on the hook (or the stack) handles it.
  * HOLD: the control plane is freezing the proxy's two sockets; segments that
  * carry data (or SYN/FIN) are dropped so that no new byte enters a socket
  * (the sender retransmits them: nobody acknowledged them), pure ACKs and
@@ -58,6 +59,12 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } splice_stats SEC(".maps");
+
+/* A segment that is not ours: let the next classifier on the hook (another
+ * proxy process's splice, say) or the stack have it. TC_ACT_OK would end
+ * the chain, and a stale instance left attached would then hide the live
+ * one's segments. */
+#define NOT_OURS TC_ACT_UNSPEC
 
 #define ETH_HLEN_ 14
 #define MAX_OPT 40
@@ -243,7 +250,7 @@ int splice_ingress(struct __sk_buff *skb)
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > data_end)
-		return TC_ACT_OK;
+		return NOT_OURS;
 
 	__u8 family;
 	__u32 l3_off = ETH_HLEN_, l4_off;
@@ -251,7 +258,7 @@ int splice_ingress(struct __sk_buff *skb)
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = data + l3_off;
 		if ((void *)(ip + 1) > data_end || ip->protocol != IPPROTO_TCP)
-			return TC_ACT_OK;
+			return NOT_OURS;
 		family = AF_INET;
 		saddr[0] = ip->saddr;
 		daddr[0] = ip->daddr;
@@ -261,31 +268,31 @@ int splice_ingress(struct __sk_buff *skb)
 		/* Extension headers are not walked: such segments do not match
 		 * and go to the stack (see docs/KERNEL-SPLICE.md, limits). */
 		if ((void *)(ip6 + 1) > data_end || ip6->nexthdr != IPPROTO_TCP)
-			return TC_ACT_OK;
+			return NOT_OURS;
 		family = AF_INET6;
 		__builtin_memcpy(saddr, &ip6->saddr, 16);
 		__builtin_memcpy(daddr, &ip6->daddr, 16);
 		l4_off = l3_off + sizeof(struct ipv6hdr);
 	} else {
-		return TC_ACT_OK;
+		return NOT_OURS;
 	}
 
 	struct tcphdr *th = data + l4_off;
 	if ((void *)(th + 1) > data_end)
-		return TC_ACT_OK;
+		return NOT_OURS;
 
 	struct splice_key key;
 	build_key(&key, family, saddr, daddr, th->source, th->dest);
 	struct splice_val *v = bpf_map_lookup_elem(&splice_table, &key);
 	if (!v)
-		return TC_ACT_OK;
+		return NOT_OURS;
 
 	/* Payload length, from the IP header (skb->len would count padding). */
 	__u32 l3_len, ip_hlen;
 	if (family == AF_INET) {
 		struct iphdr *ip = data + l3_off;
 		if ((void *)(ip + 1) > data_end)
-			return TC_ACT_OK;
+			return NOT_OURS;
 		ip_hlen = ip->ihl * 4;
 		l3_len = bpf_ntohs(ip->tot_len);
 		/* Fragments, and IP options (whose removal this datapath does
@@ -295,7 +302,7 @@ int splice_ingress(struct __sk_buff *skb)
 	} else {
 		struct ipv6hdr *ip6 = data + l3_off;
 		if ((void *)(ip6 + 1) > data_end)
-			return TC_ACT_OK;
+			return NOT_OURS;
 		ip_hlen = sizeof(struct ipv6hdr);
 		l3_len = ip_hlen + bpf_ntohs(ip6->payload_len);
 	}
@@ -315,7 +322,7 @@ int splice_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 	if (v->state != SPLICE_ACTIVE)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	if (syn)
 		return drop(v, STAT_SYN);
 

@@ -28,7 +28,7 @@ pub mod splice;
 #[cfg(target_os = "linux")]
 pub use engine::Engine;
 #[cfg(target_os = "linux")]
-pub use loader::Datapath;
+pub use loader::{Datapath, Hook};
 #[cfg(target_os = "linux")]
 pub use splice::{splice, splice_with, Options, Refused, SharedDatapath, Spliced, Status};
 

@@ -3,7 +3,7 @@
 
 use aya::maps::{Array, HashMap, MapData};
 use aya::programs::tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions};
-use aya::programs::{SchedClassifier, TcAttachType};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::Ebpf;
 
 use crate::maps::{SpliceKey, SpliceVal, STAT_NAMES};
@@ -16,6 +16,20 @@ const PROGRAM: &str = "splice_ingress";
 const TABLE: &str = "splice_table";
 const STATS: &str = "splice_stats";
 
+/// How the program is hooked into tc ingress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// A TCX link (Linux 6.6+), else a clsact qdisc filter. A TCX link
+    /// belongs to this process: it goes away when the process exits or
+    /// crashes, so no program is ever left attached behind.
+    Auto,
+    /// Always a cls_bpf filter (direct action) on a clsact qdisc, through
+    /// netlink. Such a filter outlives the process unless dropped first; a
+    /// stale one is harmless (its table is empty, and it hands every
+    /// segment on with `TC_ACT_UNSPEC`) but stays until `tc filter del`.
+    Clsact,
+}
+
 /// The loaded datapath: the program, its maps, and where it is attached.
 ///
 /// Dropping it detaches the program from every interface. The detach goes
@@ -27,6 +41,8 @@ pub struct Datapath {
     /// Interface indexes of `attached`, to refuse splices whose packets
     /// would arrive where the program does not run.
     ifindexes: Vec<u32>,
+    /// How each interface was hooked: `"tcx"` or `"clsact"`.
+    hooks: Vec<(String, &'static str)>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -58,45 +74,75 @@ impl Datapath {
             ebpf,
             attached: Vec::new(),
             ifindexes: Vec::new(),
+            hooks: Vec::new(),
         })
     }
 
-    /// Attaches the program at ingress of `iface` (in the calling thread's
-    /// network namespace), adding the clsact qdisc if it is not there.
+    /// Attaches the program at tc ingress of `iface` (in the calling
+    /// thread's network namespace) with [`Hook::Auto`].
     pub fn attach(&mut self, iface: &str) -> Result<(), Error> {
-        if let Err(e) = tc::qdisc_add_clsact(iface) {
-            // EEXIST: a clsact qdisc is already there, which is what we need.
-            if e.raw_os_error() != Some(libc::EEXIST) {
-                return Err(Error::Attach {
-                    iface: iface.to_owned(),
-                    source: boxed(e),
-                });
-            }
-        }
+        self.attach_with(iface, Hook::Auto)
+    }
+
+    /// Attaches the program at tc ingress of `iface` the way `hook` says.
+    pub fn attach_with(&mut self, iface: &str, hook: Hook) -> Result<(), Error> {
+        let attach_err = |e: aya::programs::ProgramError| Error::Attach {
+            iface: iface.to_owned(),
+            source: boxed(e),
+        };
         let prog: &mut SchedClassifier = self
             .ebpf
             .program_mut(PROGRAM)
             .ok_or(Error::Missing(PROGRAM))?
             .try_into()
             .map_err(|e| Error::Load(boxed(e)))?;
-        // Netlink (cls_bpf, direct action) rather than TCX: it works on
-        // every kernel with clsact, which is what this platform was checked
-        // with.
-        let id = prog
-            .attach_with_options(
+        let tcx = match hook {
+            Hook::Auto => match prog.attach_with_options(
                 iface,
                 TcAttachType::Ingress,
-                TcAttachOptions::Netlink(NlOptions::default()),
-            )
-            .map_err(|e| Error::Attach {
-                iface: iface.to_owned(),
-                source: boxed(e),
-            })?;
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            ) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    tracing::debug!(iface, error = %e, "no TCX link; using a clsact filter");
+                    None
+                }
+            },
+            Hook::Clsact => None,
+        };
+        let used = if tcx.is_some() { "tcx" } else { "clsact" };
+        let id = match tcx {
+            Some(id) => id,
+            None => {
+                if let Err(e) = tc::qdisc_add_clsact(iface) {
+                    // EEXIST: a clsact qdisc is already there, which is
+                    // what we need.
+                    if e.raw_os_error() != Some(libc::EEXIST) {
+                        return Err(Error::Attach {
+                            iface: iface.to_owned(),
+                            source: boxed(e),
+                        });
+                    }
+                }
+                prog.attach_with_options(
+                    iface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::Netlink(NlOptions::default()),
+                )
+                .map_err(attach_err)?
+            }
+        };
         self.attached.push((iface.to_owned(), id));
+        self.hooks.push((iface.to_owned(), used));
         if let Ok(i) = nix::net::if_::if_nametoindex(iface) {
             self.ifindexes.push(i);
         }
         Ok(())
+    }
+
+    /// How each interface was hooked: `(name, "tcx" | "clsact")`.
+    pub fn hooks(&self) -> &[(String, &'static str)] {
+        &self.hooks
     }
 
     /// Whether the program runs at ingress of interface `ifindex`.

@@ -140,6 +140,7 @@ const _: () = {
 };
 
 /// An address as the datapath stores it: network byte order words.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 pub(crate) fn addr_words(ip: IpAddr) -> [u32; 4] {
     let mut w = [0u32; 4];
     match ip {

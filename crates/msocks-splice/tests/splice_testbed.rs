@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use msocks_splice::{splice_with, Datapath, Options, Status};
+use msocks_splice::{splice_with, Datapath, Hook, Options, Status};
 use msocks_testbed::{Link, Netns, Testbed, SV_IF_ON_PX};
 use sha2::{Digest, Sha256};
 
@@ -260,13 +260,17 @@ fn run(v6: bool, when: When) {
         .px
         .run_in(|| -> Result<Datapath, msocks_splice::Error> {
             let mut dp = Datapath::load()?;
+            // IPv6 runs on the clsact filter, IPv4 on whatever Auto picks
+            // (a TCX link on this kernel), so both hooks are exercised.
+            let hook = if v6 { Hook::Clsact } else { Hook::Auto };
             for iface in [Link::Wired.px_if(), Link::Radio.px_if(), SV_IF_ON_PX] {
-                dp.attach(iface)?;
+                dp.attach_with(iface, hook)?;
             }
             Ok(dp)
         })
         .expect("setns")
         .expect("loading and attaching the datapath");
+    eprintln!("hooks: {:?}", dp.hooks());
     let dp = Arc::new(Mutex::new(dp));
 
     let cap_a = Capture::start(&tb.px, Link::Wired.px_if(), &dir.join("client-side.pcap"));
