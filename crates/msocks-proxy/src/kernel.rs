@@ -155,6 +155,11 @@ async fn spliced(
         Err(e) => return KernelRun::Ended(format!("kernel engine task: {e}")),
     };
     info!(session, engine = "kernel", "engine: spliced");
+    // `idle_timeout` as the relay applies it: no segment either way for that long ends the
+    // session (silently: the peers' next segments find no socket and get a RST).
+    let idle_timeout = shared.config.limits.idle_timeout;
+    let mut last_packets = 0u64;
+    let mut last_move = tokio::time::Instant::now();
     let end = loop {
         tokio::select! {
             () = shared.abort.cancelled() => break "shut down".to_owned(),
@@ -163,7 +168,18 @@ async fn spliced(
                     tokio::time::sleep(LINGER).await;
                     break "completed (kernel splice)".to_owned();
                 }
-                Ok(Status::Active) => {}
+                Ok(Status::Active) => {
+                    let packets = spliced
+                        .entries()
+                        .map(|(up, down)| up.packets.wrapping_add(down.packets))
+                        .unwrap_or(last_packets);
+                    if packets != last_packets {
+                        last_packets = packets;
+                        last_move = tokio::time::Instant::now();
+                    } else if !idle_timeout.is_zero() && last_move.elapsed() >= idle_timeout {
+                        break "idle timeout (kernel splice)".to_owned();
+                    }
+                }
                 Err(e) => break format!("kernel splice: {e}"),
             },
         }

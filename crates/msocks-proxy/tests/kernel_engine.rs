@@ -120,6 +120,22 @@ impl Drop for Capture {
 }
 
 #[test]
+fn engine_section_parses_and_defaults_to_relay() {
+    let c = ProxyConfig::from_toml(
+        "[engine]\nkind = \"kernel\"\ninterfaces = [\"eth0\"]\ndrain_timeout = \"500ms\"\n",
+        std::path::Path::new("test"),
+    )
+    .expect("valid [engine]");
+    assert_eq!(c.engine.kind, EngineKind::Kernel);
+    assert_eq!(c.engine.interfaces, vec!["eth0".to_owned()]);
+    assert_eq!(c.engine.drain_timeout, Duration::from_millis(500));
+    assert_eq!(ProxyConfig::default().engine.kind, EngineKind::Relay);
+    assert!(
+        ProxyConfig::from_toml("[engine]\nkind = \"dpdk\"\n", std::path::Path::new("t")).is_err()
+    );
+}
+
+#[test]
 fn kernel_engine_splices_a_connect_session() {
     if !msocks_testbed::require_root("kernel_engine_splices_a_connect_session") {
         return;
