@@ -155,6 +155,69 @@ impl Datapath {
         self.attached.iter().map(|(i, _)| i.as_str())
     }
 
+    /// Writes one splice table entry (replacing any), as the control plane
+    /// does; for tests and tools that drive the datapath directly.
+    pub fn set_entry(&mut self, key: &SpliceKey, val: &SpliceVal) -> Result<(), Error> {
+        self.table()?
+            .insert(key, val, 0)
+            .map_err(|e| Error::Map(boxed(e)))
+    }
+
+    /// Reads one splice table entry.
+    pub fn entry(&mut self, key: &SpliceKey) -> Result<SpliceVal, Error> {
+        self.table()?.get(key, 0).map_err(|e| Error::Map(boxed(e)))
+    }
+
+    /// Runs the program once on `packet` (an Ethernet frame) with
+    /// `BPF_PROG_TEST_RUN`, in the calling thread's network namespace, and
+    /// returns its verdict (a `TC_ACT_*` value) and the packet as the
+    /// program left it. Nothing is sent: a redirect is only a verdict here.
+    pub fn test_run(&mut self, packet: &[u8]) -> Result<(i32, Vec<u8>), Error> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let prog = self.ebpf.program(PROGRAM).ok_or(Error::Missing(PROGRAM))?;
+        let fd = prog.fd().map_err(|e| Error::Load(boxed(e)))?;
+        let prog_fd = fd.as_fd().as_raw_fd();
+        let len_in = u32::try_from(packet.len())
+            .map_err(|_| Error::Incompatible("packet too long".into()))?;
+        // Room for the program to grow the packet a little (it does not).
+        let mut out = vec![0u8; packet.len() + 256];
+        // `union bpf_attr`'s `test` member, laid out by hand (offsets from
+        // <linux/bpf.h>): prog_fd 0, retval 4, data_size_in 8,
+        // data_size_out 12, data_in 16, data_out 24, repeat 32; the rest
+        // zero.
+        let mut attr = [0u8; 80];
+        attr[0..4].copy_from_slice(&(prog_fd as u32).to_ne_bytes());
+        attr[8..12].copy_from_slice(&len_in.to_ne_bytes());
+        attr[12..16].copy_from_slice(&(out.len() as u32).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(packet.as_ptr() as u64).to_ne_bytes());
+        attr[24..32].copy_from_slice(&(out.as_mut_ptr() as u64).to_ne_bytes());
+        attr[32..36].copy_from_slice(&1u32.to_ne_bytes());
+        const BPF_PROG_TEST_RUN: libc::c_long = 10;
+        // SAFETY: `attr` is a fully initialised 80-byte `bpf_attr` prefix
+        // on our stack and we pass its exact size; the pointers in it name
+        // `packet` (readable for `len_in` bytes) and `out` (writable for
+        // `data_size_out` bytes), both alive until the call returns; the
+        // kernel writes only into `attr` and `out` and keeps no pointer.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_TEST_RUN,
+                attr.as_mut_ptr(),
+                attr.len() as libc::c_uint,
+            )
+        };
+        if rc != 0 {
+            return Err(Error::Socket {
+                op: "BPF_PROG_TEST_RUN",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let retval = i32::from_ne_bytes([attr[4], attr[5], attr[6], attr[7]]);
+        let size_out = u32::from_ne_bytes([attr[12], attr[13], attr[14], attr[15]]) as usize;
+        out.truncate(size_out.min(out.len()));
+        Ok((retval, out))
+    }
+
     /// The splice table.
     pub(crate) fn table(&mut self) -> Result<HashMap<&mut MapData, SpliceKey, SpliceVal>, Error> {
         let map = self.ebpf.map_mut(TABLE).ok_or(Error::Missing(TABLE))?;
