@@ -226,6 +226,34 @@ static __always_inline int map_options(__u8 *buf, int found, struct splice_val *
 	return 0;
 }
 
+/* Removes the optlen (4..40) bytes of IPv4 options after the 20-byte base
+ * header, then fixes IHL and total length and recomputes the header
+ * checksum. FIXED_GSO: the payload per segment stays what it was. The TCP
+ * checksum is unaffected (its pseudo-header holds the TCP length, which
+ * does not change). Returns 0 or -1. */
+static __always_inline int strip_ip_options(struct __sk_buff *skb, __u32 l3_off, __u32 optlen)
+{
+	if (optlen < 4 || optlen > 40)
+		return -1;
+	if (bpf_skb_adjust_room(skb, -(__s32)optlen, BPF_ADJ_ROOM_NET, BPF_F_ADJ_ROOM_FIXED_GSO))
+		return -1;
+	__u16 h[10];
+	if (bpf_skb_load_bytes(skb, l3_off, h, sizeof(h)) < 0)
+		return -1;
+	/* word 0: version 4, IHL 5, TOS kept (byte order: first byte first) */
+	__u8 *b = (__u8 *)h;
+	b[0] = 0x45;
+	h[1] = bpf_htons(bpf_ntohs(h[1]) - optlen);
+	h[5] = 0;
+	__u32 sum = 0;
+	for (int i = 0; i < 10; i++)
+		sum += h[i];
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	h[5] = (__u16)~sum;
+	return bpf_skb_store_bytes(skb, l3_off, h, sizeof(h), 0) < 0 ? -1 : 0;
+}
+
 static __always_inline void build_key(struct splice_key *k, __u8 family, const __u32 *s,
 				      const __u32 *d, __u16 sport, __u16 dport)
 {
@@ -295,9 +323,10 @@ int splice_ingress(struct __sk_buff *skb)
 			return NOT_OURS;
 		ip_hlen = ip->ihl * 4;
 		l3_len = bpf_ntohs(ip->tot_len);
-		/* Fragments, and IP options (whose removal this datapath does
-		 * not implement), are dropped; Linux peers send neither on TCP. */
-		if (ip_hlen != sizeof(struct iphdr) || (ip->frag_off & bpf_htons(0x3fff)))
+		/* Fragments are dropped (Linux peers do not fragment TCP; the
+		 * first fragment alone cannot be rewritten right). IP options
+		 * are removed below. */
+		if (ip_hlen < sizeof(struct iphdr) || (ip->frag_off & bpf_htons(0x3fff)))
 			return drop(v, STAT_IP_OPTIONS);
 	} else {
 		struct ipv6hdr *ip6 = data + l3_off;
@@ -334,6 +363,15 @@ int splice_ingress(struct __sk_buff *skb)
 	 * proxy acknowledged those bytes before the splice. */
 	if ((payload || fin) && seq_before(seq, v->splice_seq))
 		return drop(v, STAT_BELOW_SPLICE);
+
+	/* IPv4 options belong to the incoming hop: removed, as the proxy's own
+	 * connection carries none. */
+	if (family == AF_INET && ip_hlen != sizeof(struct iphdr)) {
+		if (strip_ip_options(skb, l3_off, ip_hlen - sizeof(struct iphdr)) < 0)
+			return drop(v, STAT_IP_OPTIONS);
+		stat(STAT_IP_OPTIONS_STRIPPED);
+		l4_off = l3_off + sizeof(struct iphdr);
+	}
 
 	/* The reverse direction: its timestamp offset (for TSecr) and its
 	 * FIN (which this segment may acknowledge). */

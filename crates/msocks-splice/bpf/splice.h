@@ -87,14 +87,15 @@ struct splice_val {
 #define STAT_SPLICED 0      /* segments rewritten and redirected */
 #define STAT_HELD_DROP 1    /* data segments dropped in HOLD */
 #define STAT_BELOW_SPLICE 2 /* segments whose payload starts below the splice point */
-#define STAT_IP_OPTIONS 3   /* IPv4 with options or fragments, dropped */
+#define STAT_IP_OPTIONS 3   /* IPv4 fragments (or options that could not be removed), dropped */
 #define STAT_BAD_TCP 4      /* malformed TCP options, dropped */
 #define STAT_FIB_FAIL 5     /* no route / MTU: dropped */
 #define STAT_SYN 6          /* SYN on a spliced 4-tuple, dropped */
 #define STAT_HELD_PASS 7    /* pure ACKs passed to the stack in HOLD */
 #define STAT_REDIRECT_NEIGH 8 /* redirected with kernel neighbour resolution */
 #define STAT_FIB_LAST_RC 9   /* the last failing bpf_fib_lookup result (not a count) */
-#define STAT_MAX 10
+#define STAT_IP_OPTIONS_STRIPPED 10 /* IPv4 options removed */
+#define STAT_MAX 11
 
 #define SPLICE_MAX_ENTRIES 65536
 

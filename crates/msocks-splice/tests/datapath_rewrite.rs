@@ -551,17 +551,24 @@ fn fixed_verdicts(dp: &mut Datapath, n: &Net) -> Result<(), String> {
         )?,
         TC_ACT_SHOT,
     )?;
-    expect(
-        "IPv4 options",
-        run(
-            dp,
-            &Seg {
-                ip_options: true,
-                ..base.clone()
-            },
-        )?,
-        TC_ACT_SHOT,
-    )?;
+    // IPv4 options are removed: the segment goes on with a 20-byte
+    // header and valid checksums.
+    let with_opts = Seg {
+        ip_options: true,
+        ..base.clone()
+    };
+    let (verdict, out) = dp.test_run(&build(&with_opts)).map_err(|e| e.to_string())?;
+    expect("IPv4 options", verdict, TC_ACT_REDIRECT)?;
+    if out[14] != 0x45 {
+        return Err(format!(
+            "IPv4 options: header byte {:#x} after stripping",
+            out[14]
+        ));
+    }
+    let o = parse(&out)?;
+    if o.payload != base.payload || o.seq != fwd.seq(base.seq) || o.dst != n.server {
+        return Err(format!("IPv4 options: rewritten wrong: {o:?}"));
+    }
     expect(
         "payload below the splice point",
         run(
