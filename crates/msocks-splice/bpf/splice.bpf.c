@@ -66,6 +66,17 @@ struct {
  * one's segments. */
 #define NOT_OURS TC_ACT_UNSPEC
 
+struct scratch {
+	__u8 b[256];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct scratch);
+} splice_scratch SEC(".maps");
+
 #define ETH_HLEN_ 14
 #define MAX_OPT 40
 #define TS_VALID (1ULL << 32)
@@ -254,6 +265,81 @@ static __always_inline int strip_ip_options(struct __sk_buff *skb, __u32 l3_off,
 	return bpf_skb_store_bytes(skb, l3_off, h, sizeof(h), 0) < 0 ? -1 : 0;
 }
 
+/* The ones'-complement sum (as bpf_csum_diff returns it, unfolded) of len
+ * bytes at off, read in 256-byte chunks; a final odd chunk is padded with
+ * zeros, which is how the TCP checksum pads too, as long as off is even
+ * relative to the TCP header (payload starts at doff, a multiple of 4).
+ * Returns the sum, or -1 (also for more than 10 KiB). Global, so the
+ * verifier checks the loop once, not once per path of the caller. */
+__attribute__((noinline)) long payload_sum(struct __sk_buff *skb, __u32 off, __u32 len)
+{
+	__u32 zero = 0;
+	/* A per-CPU scratch buffer: the stack (512 bytes for all frames)
+	 * is already mostly taken by the caller. */
+	struct scratch *sc = bpf_map_lookup_elem(&splice_scratch, &zero);
+	__s64 acc = 0;
+	if (!skb || !sc)
+		return -1;
+	__u8 *buf = sc->b;
+	/* 40 chunks: 10 KiB, more than a jumbo frame's payload. Longer (GSO)
+	 * payloads are refused, and the segment dropped instead. */
+	if (len > 40 * 256)
+		return -1;
+	for (int i = 0; i < 40 && len; i++) {
+		__u32 n = len > 256 ? 256 : len;
+		__u32 padded = (n + 3) & ~3U;
+		if (n < 1 || padded > 256)
+			return -1;
+		if (bpf_skb_load_bytes(skb, off, buf, n) < 0)
+			return -1;
+		/* zero the (at most 3) pad bytes after the data */
+		for (__u32 j = n; j < padded; j++)
+			buf[j & 255] = 0;
+		acc = bpf_csum_diff(NULL, 0, (__be32 *)buf, padded, (__u32)acc);
+		if (acc < 0)
+			return -1;
+		off += n;
+		len -= n;
+	}
+	return len ? -1 : (long)(__u32)acc;
+}
+
+/* Removes a segment's whole payload (len bytes after the TCP header):
+ * TCP checksum minus the payload's sum and with the new length in its
+ * pseudo-header, IP length fields (and the IPv4 header checksum) fixed,
+ * then the packet cut. Returns 0 or -1. */
+static __always_inline int chop_payload(struct __sk_buff *skb, __u8 family, __u32 l3_off,
+					__u32 l4_off, __u32 doff, __u32 len)
+{
+	__u32 csum_off = l4_off + offsetof(struct tcphdr, check);
+	long sum = payload_sum(skb, l4_off + doff, len);
+	if (sum < 0)
+		return -1;
+	/* Subtract the payload: add its complement as a precomputed diff. */
+	if (bpf_l4_csum_replace(skb, csum_off, 0, ~(__u32)sum, 0) < 0)
+		return -1;
+	__be16 old_l4 = bpf_htons(doff + len), new_l4 = bpf_htons(doff);
+	if (bpf_l4_csum_replace(skb, csum_off, old_l4, new_l4, BPF_F_PSEUDO_HDR | 2) < 0)
+		return -1;
+	if (family == AF_INET) {
+		__u32 tot_off = l3_off + offsetof(struct iphdr, tot_len);
+		__be16 old_tot, new_tot;
+		if (bpf_skb_load_bytes(skb, tot_off, &old_tot, 2) < 0)
+			return -1;
+		new_tot = bpf_htons(bpf_ntohs(old_tot) - len);
+		if (bpf_l3_csum_replace(skb, l3_off + offsetof(struct iphdr, check), old_tot,
+					new_tot, 2) < 0 ||
+		    bpf_skb_store_bytes(skb, tot_off, &new_tot, 2, 0) < 0)
+			return -1;
+	} else {
+		__be16 plen = bpf_htons(doff);
+		if (bpf_skb_store_bytes(skb, l3_off + offsetof(struct ipv6hdr, payload_len), &plen,
+					2, 0) < 0)
+			return -1;
+	}
+	return bpf_skb_change_tail(skb, l4_off + doff, 0) < 0 ? -1 : 0;
+}
+
 static __always_inline void build_key(struct splice_key *k, __u8 family, const __u32 *s,
 				      const __u32 *d, __u16 sport, __u16 dport)
 {
@@ -357,12 +443,24 @@ int splice_ingress(struct __sk_buff *skb)
 
 	__u32 seq = bpf_ntohl(th->seq);
 	__u32 ack = bpf_ntohl(th->ack_seq);
-	/* Payload below the splice point was consumed by the proxy (e.g. the
-	 * SOCKS request): it has no place in the other connection. Trimming
-	 * it off the front is not implemented; dropping is safe because the
-	 * proxy acknowledged those bytes before the splice. */
-	if ((payload || fin) && seq_before(seq, v->splice_seq))
-		return drop(v, STAT_BELOW_SPLICE);
+	/* Payload that starts below the splice point: those bytes were the
+	 * proxy's (the SOCKS request, or bytes it relayed before the splice)
+	 * and have no place in the other connection. The segment's whole
+	 * payload is chopped off and it goes on as a bare ACK carrying its
+	 * original (mapped) sequence number. That number lies below what the
+	 * receiver has already acknowledged, so the receiver answers with its
+	 * current ACK, which reaches the sender through the splice and moves
+	 * it past the splice point even if the proxy's own last ACK was lost;
+	 * the sender then retransmits whatever lay above the splice point. A
+	 * FIN in such a segment is dropped instead (and comes again). */
+	if ((payload || fin) && seq_before(seq, v->splice_seq)) {
+		if (fin)
+			return drop(v, STAT_BELOW_SPLICE);
+		if (chop_payload(skb, family, l3_off, l4_off, doff, payload) < 0)
+			return drop(v, STAT_BELOW_SPLICE);
+		stat(STAT_CHOPPED);
+		payload = 0;
+	}
 
 	/* IPv4 options belong to the incoming hop: removed, as the proxy's own
 	 * connection carries none. */

@@ -86,7 +86,7 @@ struct splice_val {
 /* Indices of the global counters array (splice_stats). */
 #define STAT_SPLICED 0      /* segments rewritten and redirected */
 #define STAT_HELD_DROP 1    /* data segments dropped in HOLD */
-#define STAT_BELOW_SPLICE 2 /* segments whose payload starts below the splice point */
+#define STAT_BELOW_SPLICE 2 /* segments below the splice point that could not be chopped, dropped */
 #define STAT_IP_OPTIONS 3   /* IPv4 fragments (or options that could not be removed), dropped */
 #define STAT_BAD_TCP 4      /* malformed TCP options, dropped */
 #define STAT_FIB_FAIL 5     /* no route / MTU: dropped */
@@ -95,7 +95,8 @@ struct splice_val {
 #define STAT_REDIRECT_NEIGH 8 /* redirected with kernel neighbour resolution */
 #define STAT_FIB_LAST_RC 9   /* the last failing bpf_fib_lookup result (not a count) */
 #define STAT_IP_OPTIONS_STRIPPED 10 /* IPv4 options removed */
-#define STAT_MAX 11
+#define STAT_CHOPPED 11      /* payload below the splice point chopped off */
+#define STAT_MAX 12
 
 #define SPLICE_MAX_ENTRIES 65536
 

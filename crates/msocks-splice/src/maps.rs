@@ -34,7 +34,7 @@ pub const EV_RST: u32 = 4;
 pub const TS_VALID: u64 = 1 << 32;
 
 /// Names of the global counters (`splice_stats`), by index.
-pub const STAT_NAMES: [&str; 11] = [
+pub const STAT_NAMES: [&str; 12] = [
     "spliced",
     "held_drop",
     "below_splice",
@@ -46,6 +46,7 @@ pub const STAT_NAMES: [&str; 11] = [
     "redirect_neigh",
     "fib_last_failure_code",
     "ip_options_stripped",
+    "chopped_below_splice",
 ];
 
 /// One direction of a spliced pair: the 4-tuple of segments as they arrive

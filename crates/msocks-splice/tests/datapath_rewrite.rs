@@ -488,7 +488,10 @@ fn datapath_rewrites_exactly_like_the_mapping_with_valid_checksums() {
                 ..Config::default()
             });
             let r = runner.run(&case(), |c| check(&mut dp.borrow_mut(), &n4, &n6, &c));
-            let fixed = fixed_verdicts(&mut dp.borrow_mut(), &n4);
+            let mut dp = dp.into_inner();
+            let fixed = fixed_verdicts(&mut dp, &n4)
+                .and_then(|()| chopped(&mut dp, &n4))
+                .and_then(|()| chopped(&mut dp, &n6));
             (r.map_err(|e| e.to_string()), fixed)
         })
         .expect("setns px");
@@ -570,11 +573,12 @@ fn fixed_verdicts(dp: &mut Datapath, n: &Net) -> Result<(), String> {
         return Err(format!("IPv4 options: rewritten wrong: {o:?}"));
     }
     expect(
-        "payload below the splice point",
+        "FIN below the splice point",
         run(
             dp,
             &Seg {
                 seq: 4990,
+                flags: ACK | FIN,
                 ..base.clone()
             },
         )?,
@@ -635,5 +639,60 @@ fn fixed_verdicts(dp: &mut Datapath, n: &Net) -> Result<(), String> {
         )?,
         TC_ACT_OK,
     )?;
+    Ok(())
+}
+
+/// Segments whose payload starts below the splice point leave as bare ACKs
+/// with their mapped sequence number, whatever the payload's length (odd
+/// lengths included) and whether it reaches above the splice point, with
+/// valid checksums and length fields.
+fn chopped(dp: &mut Datapath, n: &Net) -> Result<(), String> {
+    let a = ConnState {
+        snd_nxt: 1000,
+        rcv_nxt: 5000,
+        snd_wscale: 7,
+        rcv_wscale: 7,
+        ts_offset: 0,
+    };
+    let b = ConnState {
+        snd_nxt: 9000,
+        rcv_nxt: 3000,
+        snd_wscale: 7,
+        rcv_wscale: 7,
+        ts_offset: 0,
+    };
+    let fwd = DirMap::new(&a, &b);
+    let key = SpliceKey::new(n.client, n.px_c);
+    let val = active(&fwd, n.px_s, n.server, &b, n.ifindex);
+    dp.set_entry(&key, &val).map_err(|e| e.to_string())?;
+    for (seq, len, with_ts) in [
+        (4990u32, 3usize, false),
+        (4990, 10, true),
+        (4990, 11, false),
+        (4000, 1001, true),
+        (4999, 1448, false),
+        (4990, 2999, true),
+    ] {
+        let (opts, _, _) = layout(if with_ts { 0 } else { 9 }, 5, 6, &[]);
+        let seg = Seg {
+            src: n.client,
+            dst: n.px_c,
+            seq,
+            ack: 1200,
+            flags: ACK | PSH,
+            win: 100,
+            opts,
+            payload: (0..len).map(|i| (i * 7 + 3) as u8).collect(),
+            ip_options: false,
+        };
+        let (verdict, out) = dp.test_run(&build(&seg)).map_err(|e| e.to_string())?;
+        if verdict != TC_ACT_REDIRECT {
+            return Err(format!("chop seq {seq} len {len}: verdict {verdict}"));
+        }
+        let o = parse(&out).map_err(|e| format!("chop seq {seq} len {len}: {e}"))?;
+        if !o.payload.is_empty() || o.seq != fwd.seq(seq) || o.ack != fwd.ack(1200) {
+            return Err(format!("chop seq {seq} len {len}: {o:?}"));
+        }
+    }
     Ok(())
 }
