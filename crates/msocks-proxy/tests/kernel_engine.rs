@@ -6,6 +6,8 @@
 //!
 //! Needs root; without it the test prints SKIPPED, or fails when `CI` is set.
 
+#![cfg(target_os = "linux")]
+
 // The capture checker of the splice crate's own test; this test uses part of it.
 #[allow(dead_code)]
 #[path = "../../msocks-splice/tests/evidence/mod.rs"]

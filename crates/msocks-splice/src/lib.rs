@@ -13,6 +13,8 @@
 //! freezing), [`loader`] (loading and attaching), [`splice`] (the
 //! control plane) and [`engine`] (all of it as one service for the proxy).
 
+#![warn(missing_docs)]
+
 pub mod mapping;
 pub mod maps;
 

@@ -11,6 +11,8 @@
 //!
 //! Needs root; without it the test prints SKIPPED, or fails when `CI` is set.
 
+#![cfg(target_os = "linux")]
+
 use std::net::{IpAddr, SocketAddr};
 
 use msocks_splice::mapping::{ConnState, DirMap};

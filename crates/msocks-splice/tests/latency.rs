@@ -5,6 +5,8 @@
 //! A measurement, not a check: `#[ignore]`d, run it by hand as root with
 //! `cargo test --release -p msocks-splice --test latency -- --ignored --nocapture`.
 
+#![cfg(target_os = "linux")]
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
