@@ -129,27 +129,52 @@ async fn spliced(
     let drain = shared.config.engine.drain_timeout;
     // Loading (the verifier) and the freeze (up to `drain`) block: off the reactor.
     let attempt = tokio::task::spawn_blocking(move || match engine(&interfaces) {
-        Some(e) => e
-            .splice(c, s, drain)
-            .map_err(|r| (r.client, r.server, r.error.to_string())),
-        None => Err((c, s, "engine unavailable".to_owned())),
+        Some(e) => e.splice(c, s, drain),
+        None => Err(Box::new(msocks_splice::Refused {
+            error: msocks_splice::Error::Unsupported,
+            client: c,
+            server: s,
+            pending_to_server: Vec::new(),
+            pending_to_client: Vec::new(),
+        })),
     })
     .await;
     let spliced = match attempt {
         Ok(Ok(sp)) => sp,
-        Ok(Err((c, s, why))) => {
-            info!(session, engine = "relay", reason = %why, "engine: not spliced");
-            let back = c
+        Ok(Err(refused)) => {
+            let r = *refused;
+            info!(session, engine = "relay", reason = %r.error, "engine: not spliced");
+            let back = r
+                .client
                 .set_nonblocking(true)
-                .and_then(|()| s.set_nonblocking(true))
-                .and_then(|()| Ok((TcpStream::from_std(c)?, TcpStream::from_std(s)?)));
-            return match back {
-                Ok((client, server)) => KernelRun::Relay {
-                    client,
-                    server,
-                    early_sent: true,
-                },
-                Err(e) => KernelRun::Ended(format!("kernel engine fallback: {e}")),
+                .and_then(|()| r.server.set_nonblocking(true))
+                .and_then(|()| {
+                    Ok((
+                        TcpStream::from_std(r.client)?,
+                        TcpStream::from_std(r.server)?,
+                    ))
+                });
+            let (mut client, mut server) = match back {
+                Ok(pair) => pair,
+                Err(e) => return KernelRun::Ended(format!("kernel engine fallback: {e}")),
+            };
+            // Bytes the abandoned drain had already taken from one side go first.
+            if let Err(e) = server.write_all(&r.pending_to_server).await {
+                return KernelRun::Ended(format!("kernel engine fallback: {e}"));
+            }
+            if let Err(e) = client.write_all(&r.pending_to_client).await {
+                return KernelRun::Ended(format!("kernel engine fallback: {e}"));
+            }
+            traffic
+                .up
+                .fetch_add(r.pending_to_server.len() as u64, Ordering::Relaxed);
+            traffic
+                .down
+                .fetch_add(r.pending_to_client.len() as u64, Ordering::Relaxed);
+            return KernelRun::Relay {
+                client,
+                server,
+                early_sent: true,
             };
         }
         Err(e) => return KernelRun::Ended(format!("kernel engine task: {e}")),

@@ -49,6 +49,12 @@ pub struct Refused {
     pub client: TcpStream,
     /// The server-side connection.
     pub server: TcpStream,
+    /// Bytes the drain had read from the client and not yet written to the
+    /// server: write them first.
+    pub pending_to_server: Vec<u8>,
+    /// Bytes the drain had read from the server and not yet written to the
+    /// client: write them first.
+    pub pending_to_client: Vec<u8>,
 }
 
 /// Where a splice is.
@@ -207,10 +213,14 @@ pub fn splice_with(
 ) -> Result<Spliced, Box<Refused>> {
     let drain_timeout = options.drain_timeout;
     let refuse = |error: Error, client: TcpStream, server: TcpStream| {
+        let _ = client.set_nonblocking(false);
+        let _ = server.set_nonblocking(false);
         Box::new(Refused {
             error,
             client,
             server,
+            pending_to_server: Vec::new(),
+            pending_to_client: Vec::new(),
         })
     };
     let addrs = (|| -> Result<_, Error> {
@@ -296,13 +306,21 @@ pub fn splice_with(
     let frozen = freeze(&client, &server, drain_timeout);
     let (c_state, s_state) = match frozen {
         Ok(s) => s,
-        Err(e) => {
+        Err((error, pending)) => {
             remove_entries();
             // Out of repair mode (if we got that far) without a window
             // probe; errors here leave the socket as it was.
             let _ = repair::set_repair(client.as_fd(), false);
             let _ = repair::set_repair(server.as_fd(), false);
-            return Err(refuse(e, client, server));
+            let _ = client.set_nonblocking(false);
+            let _ = server.set_nonblocking(false);
+            return Err(Box::new(Refused {
+                error,
+                client,
+                server,
+                pending_to_server: pending.to_server,
+                pending_to_client: pending.to_client,
+            }));
         }
     };
 
@@ -365,35 +383,86 @@ pub fn splice_with(
     })
 }
 
-/// Steps 3 and 4: drain both sockets, then freeze them and read their state.
+/// Bytes the drain took from one socket and had not yet written to the
+/// other when the splice was abandoned: they belong to the session.
+#[derive(Debug, Default)]
+pub(crate) struct Pending {
+    to_server: Vec<u8>,
+    to_client: Vec<u8>,
+}
+
+/// Steps 3 and 4: drain both sockets, then freeze them and read their
+/// state. On failure, returns what it read and did not yet write.
 fn freeze(
     client: &TcpStream,
     server: &TcpStream,
     timeout: Duration,
-) -> Result<(ConnState, ConnState), Error> {
+) -> Result<(ConnState, ConnState), (Error, Pending)> {
+    let mut pending = Pending::default();
+    match drain(client, server, timeout, &mut pending) {
+        Ok(()) => {}
+        Err(e) => return Err((e, pending)),
+    }
+    freeze_quiet(client, server).map_err(|e| (e, Pending::default()))
+}
+
+/// Step 3. Non-blocking throughout: a destination that does not take
+/// bytes (its peer's window is closed) must not block the proxy past the
+/// deadline, and whatever was read but not written stays in `pending`.
+fn drain(
+    client: &TcpStream,
+    server: &TcpStream,
+    timeout: Duration,
+    pending: &mut Pending,
+) -> Result<(), Error> {
     for s in [client, server] {
-        s.set_nonblocking(false)
+        s.set_nonblocking(true)
             .map_err(sock_err("set_nonblocking"))?;
-        s.set_write_timeout(Some(timeout))
-            .map_err(sock_err("SO_SNDTIMEO"))?;
     }
     let deadline = Instant::now() + timeout;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let mut moved = false;
-        for (mut from, mut to) in [(client, server), (server, client)] {
-            let n = repair::inq(from.as_fd()).map_err(sock_err("SIOCINQ"))? as usize;
-            if n > 0 {
-                // SIOCINQ bytes are there, so this read does not block.
-                let want = n.min(buf.len());
-                let got = from.read(&mut buf[..want]).map_err(sock_err("read"))?;
-                to.write_all(&buf[..got]).map_err(sock_err("write"))?;
-                moved = true;
-            } else if peer_closed(from)? {
-                return Err(Error::PeerClosed);
+        for (mut from, mut to, queue) in [
+            (client, server, &mut pending.to_server),
+            (server, client, &mut pending.to_client),
+        ] {
+            if queue.is_empty() {
+                let n = repair::inq(from.as_fd()).map_err(sock_err("SIOCINQ"))? as usize;
+                if n > 0 {
+                    let want = n.min(buf.len());
+                    match from.read(&mut buf[..want]) {
+                        Ok(got) => queue.extend_from_slice(&buf[..got]),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => {
+                            return Err(Error::Socket {
+                                op: "read",
+                                source: e,
+                            })
+                        }
+                    }
+                } else if peer_closed(from)? {
+                    return Err(Error::PeerClosed);
+                }
+            }
+            if !queue.is_empty() {
+                match to.write(queue) {
+                    Ok(k) => {
+                        queue.drain(..k);
+                        moved = true;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => {
+                        return Err(Error::Socket {
+                            op: "write",
+                            source: e,
+                        })
+                    }
+                }
             }
         }
-        if !moved {
+        let idle = !moved && pending.to_server.is_empty() && pending.to_client.is_empty();
+        if idle {
             for s in [client, server] {
                 repair::quickack(s.as_fd()).map_err(sock_err("TCP_QUICKACK"))?;
             }
@@ -406,7 +475,7 @@ fn freeze(
                         Ok(acc && q == 0)
                     })?;
             if quiet {
-                break;
+                return Ok(());
             }
         }
         if Instant::now() >= deadline {
@@ -416,6 +485,10 @@ fn freeze(
             std::thread::sleep(Duration::from_millis(1));
         }
     }
+}
+
+/// Step 4, on drained sockets.
+fn freeze_quiet(client: &TcpStream, server: &TcpStream) -> Result<(ConnState, ConnState), Error> {
     for s in [client, server] {
         repair::keepalive_off(s.as_fd()).map_err(sock_err("SO_KEEPALIVE"))?;
         repair::set_repair(s.as_fd(), true).map_err(sock_err("TCP_REPAIR"))?;

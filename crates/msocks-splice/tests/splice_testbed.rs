@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use msocks_splice::{splice_with, Datapath, Hook, Options, Status};
+use msocks_splice::{splice, splice_with, Datapath, Hook, Options, Status};
 use msocks_testbed::{Link, Netns, Testbed, SV_IF_ON_PX};
 use sha2::{Digest, Sha256};
 
@@ -477,4 +477,231 @@ fn run(v6: bool, when: When) {
          are all copies; up stream retransmitted {up_dup} bytes, down {down_dup}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A splice the control plane refuses (here: the client already sent its
+/// FIN, and a half-closed connection is not spliced) hands both sockets
+/// back usable, with no table entry left: the caller's relay carries the
+/// session to its end without losing a byte.
+#[test]
+fn a_refused_splice_hands_back_working_sockets() {
+    if !msocks_testbed::require_root("a_refused_splice_hands_back_working_sockets") {
+        return;
+    }
+    const DOWN: u64 = 1 << 20;
+    let tb = Testbed::mobile_proxy_server().expect("testbed");
+    let dp = tb
+        .px
+        .run_in(|| -> Result<Datapath, msocks_splice::Error> {
+            let mut dp = Datapath::load()?;
+            for iface in [Link::Wired.px_if(), Link::Radio.px_if(), SV_IF_ON_PX] {
+                dp.attach(iface)?;
+            }
+            Ok(dp)
+        })
+        .expect("setns")
+        .expect("datapath");
+    let dp = Arc::new(Mutex::new(dp));
+    let sv_addr = SocketAddr::new(tb.sv_ip.into(), 7201);
+    let px_addr = SocketAddr::new(tb.px_wired_ip.into(), 7200);
+
+    let server = tb
+        .sv
+        .run_in(|| {
+            let l = TcpListener::bind(sv_addr).expect("bind");
+            thread::spawn(move || {
+                let (s, _) = l.accept().expect("accept");
+                s.set_read_timeout(Some(IO_TIMEOUT)).ok();
+                let (n, _) = recv_all(&s).expect("server recv");
+                let sent = send_pattern(&s, DOWN_SEED, DOWN).expect("server send");
+                s.shutdown(Shutdown::Write).expect("shutdown");
+                (n, sent)
+            })
+        })
+        .expect("setns sv");
+    let dp2 = Arc::clone(&dp);
+    let proxy = tb
+        .px
+        .run_in(move || {
+            let l = TcpListener::bind(px_addr).expect("bind");
+            thread::spawn(move || -> String {
+                let (c, _) = l.accept().expect("accept");
+                let s = TcpStream::connect(sv_addr).expect("connect");
+                let mut p = [0u8; 16];
+                (&c).read_exact(&mut p).expect("prologue");
+                (&s).write_all(&p).expect("relay prologue");
+                // Wait for the client's FIN to be in.
+                thread::sleep(Duration::from_millis(200));
+                let refused = match splice(&dp2, c, s, Duration::from_secs(2)) {
+                    Ok(_) => panic!("a half-closed connection was spliced"),
+                    Err(r) => r,
+                };
+                let why = refused.error.to_string();
+                let (c, s) = (refused.client, refused.server);
+                // The relay the proxy falls back to, in miniature.
+                let mut buf = [0u8; 1];
+                assert_eq!((&c).read(&mut buf).expect("client EOF"), 0);
+                s.shutdown(Shutdown::Write).expect("pass the FIN on");
+                std::io::copy(&mut &s, &mut &c).expect("relay down");
+                c.shutdown(Shutdown::Write).expect("pass the FIN on");
+                why
+            })
+        })
+        .expect("setns px");
+    let client = tb
+        .mn
+        .run_in(move || {
+            let s = TcpStream::connect(px_addr).expect("connect");
+            s.set_read_timeout(Some(IO_TIMEOUT)).ok();
+            (&s).write_all(PROLOGUE).expect("prologue");
+            s.shutdown(Shutdown::Write).expect("FIN");
+            recv_all(&s).expect("client recv")
+        })
+        .expect("setns mn");
+    let why = proxy.join().expect("proxy");
+    let (s_n, s_sent) = server.join().expect("server");
+    // CLOSE_WAIT is caught by the first check; a FIN arriving during the
+    // drain would be caught there ("a peer already sent FIN").
+    assert!(
+        why.contains("ESTABLISHED") || why.contains("FIN"),
+        "refused for the wrong reason: {why}"
+    );
+    assert_eq!(s_n, PROLOGUE.len() as u64);
+    assert_eq!(
+        client,
+        (DOWN, s_sent),
+        "the relay after the refusal lost nothing"
+    );
+    let stats = dp.lock().expect("lock").stats().expect("stats");
+    let spliced = stats.iter().find(|(n, _)| *n == "spliced").map(|x| x.1);
+    assert_eq!(spliced, Some(0), "nothing went through the datapath");
+    let dp = Arc::try_unwrap(dp)
+        .expect("owner")
+        .into_inner()
+        .expect("lock");
+    tb.px.run_in(move || drop(dp)).expect("setns px");
+}
+
+/// A splice abandoned in the middle of its drain (the server reads nothing
+/// for a while, so the proxy cannot hand it what the client sent) loses
+/// nothing: the refusal returns the bytes the drain had read but not yet
+/// written, the segments dropped in HOLD are retransmitted to the sockets,
+/// which are no longer frozen, and the fallback relay delivers every byte
+/// in order.
+#[test]
+fn a_splice_abandoned_during_the_drain_loses_nothing() {
+    if !msocks_testbed::require_root("a_splice_abandoned_during_the_drain_loses_nothing") {
+        return;
+    }
+    const UP: u64 = 8 << 20;
+    let tb = Testbed::mobile_proxy_server().expect("testbed");
+    let dp = tb
+        .px
+        .run_in(|| -> Result<Datapath, msocks_splice::Error> {
+            let mut dp = Datapath::load()?;
+            for iface in [Link::Wired.px_if(), Link::Radio.px_if(), SV_IF_ON_PX] {
+                dp.attach(iface)?;
+            }
+            Ok(dp)
+        })
+        .expect("setns")
+        .expect("datapath");
+    let dp = Arc::new(Mutex::new(dp));
+    let sv_addr = SocketAddr::new(tb.sv_ip.into(), 7301);
+    let px_addr = SocketAddr::new(tb.px_wired_ip.into(), 7300);
+
+    let server = tb
+        .sv
+        .run_in(|| {
+            // A small receive buffer (inherited by the accepted socket):
+            // the server's kernel must not swallow what the drain writes.
+            let sock = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )
+            .expect("socket");
+            sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+            sock.bind(&sv_addr.into()).expect("bind");
+            sock.listen(8).expect("listen");
+            let l: TcpListener = sock.into();
+            thread::spawn(move || {
+                let (s, _) = l.accept().expect("accept");
+                s.set_read_timeout(Some(IO_TIMEOUT)).ok();
+                let mut p = [0u8; 16];
+                (&s).read_exact(&mut p).expect("prologue");
+                // Read nothing for longer than the proxy's drain may take.
+                thread::sleep(Duration::from_millis(2500));
+                recv_all(&s).expect("server recv")
+            })
+        })
+        .expect("setns sv");
+    let dp2 = Arc::clone(&dp);
+    let proxy = tb
+        .px
+        .run_in(move || {
+            let l = TcpListener::bind(px_addr).expect("bind");
+            thread::spawn(move || -> (String, usize) {
+                let (c, _) = l.accept().expect("accept");
+                // A small send buffer too, so the drain cannot park the
+                // client's bytes in the proxy's kernel.
+                let sock = socket2::Socket::new(
+                    socket2::Domain::IPV4,
+                    socket2::Type::STREAM,
+                    Some(socket2::Protocol::TCP),
+                )
+                .expect("socket");
+                sock.set_send_buffer_size(4096).expect("SO_SNDBUF");
+                sock.connect(&sv_addr.into()).expect("connect");
+                let s: TcpStream = sock.into();
+                let mut p = [0u8; 16];
+                (&c).read_exact(&mut p).expect("prologue");
+                (&s).write_all(&p).expect("relay prologue");
+                // Let the client fill the proxy's receive queue.
+                thread::sleep(Duration::from_millis(300));
+                let r = match splice(&dp2, c, s, Duration::from_secs(1)) {
+                    Ok(_) => panic!("the drain finished although the server reads nothing"),
+                    Err(r) => r,
+                };
+                let why = r.error.to_string();
+                let pending = r.pending_to_server.len();
+                let (c, s) = (r.client, r.server);
+                (&s).write_all(&r.pending_to_server).expect("pending up");
+                (&c).write_all(&r.pending_to_client).expect("pending down");
+                // The relay the proxy falls back to, in miniature.
+                std::io::copy(&mut &c, &mut &s).expect("relay up");
+                s.shutdown(Shutdown::Write).expect("pass the FIN on");
+                (why, pending)
+            })
+        })
+        .expect("setns px");
+    let client = tb
+        .mn
+        .run_in(move || {
+            thread::spawn(move || {
+                let s = TcpStream::connect(px_addr).expect("connect");
+                s.set_write_timeout(Some(IO_TIMEOUT)).ok();
+                (&s).write_all(PROLOGUE).expect("prologue");
+                let sent = send_pattern(&s, UP_SEED, UP).expect("client send");
+                s.shutdown(Shutdown::Write).expect("FIN");
+                sent
+            })
+        })
+        .expect("setns mn");
+    let sent = client.join().expect("client");
+    let (why, pending) = proxy.join().expect("proxy");
+    let (n, got) = server.join().expect("server");
+    let stats = dp.lock().expect("lock").stats().expect("stats");
+    eprintln!("refused: {why}; {pending} bytes pending; counters {stats:?}");
+    assert!(why.contains("drain"), "refused for the wrong reason: {why}");
+    assert_eq!(n, UP, "bytes the server got");
+    assert_eq!(
+        got, sent,
+        "the server's SHA-256: nothing lost, nothing repeated"
+    );
+    let dp = Arc::try_unwrap(dp)
+        .expect("owner")
+        .into_inner()
+        .expect("lock");
+    tb.px.run_in(move || drop(dp)).expect("setns px");
 }
