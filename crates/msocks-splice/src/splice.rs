@@ -566,6 +566,30 @@ impl Spliced {
         ))
     }
 
+    /// How far each side has acknowledged the other's stream since the
+    /// splice point, from the latest ACK numbers the datapath saw:
+    /// `(client_acked_down, server_acked_up)`, in bytes modulo 2^32 (a
+    /// FIN counts one). These are the paper's `snd_una_C` and `snd_una_D`
+    /// relative to the basepoints — what a RECONNECT on this engine would
+    /// start from (not implemented yet). A caller polling more often than
+    /// every 4 GiB per direction can extend them to 64 bits.
+    pub fn acked_since_splice(&self) -> Result<(u32, u32), Error> {
+        let (up, down) = self.entries()?;
+        // `up` carries the client's ACKs (of what the proxy sent it on the
+        // client connection); `down` the server's.
+        let client = if up.last_ack == 0 && up.packets == 0 {
+            0
+        } else {
+            up.last_ack.wrapping_sub(self.basepoints.client.snd_nxt)
+        };
+        let server = if down.last_ack == 0 && down.packets == 0 {
+            0
+        } else {
+            down.last_ack.wrapping_sub(self.basepoints.server.snd_nxt)
+        };
+        Ok((client, server))
+    }
+
     /// Whether the spliced connections are over.
     pub fn status(&self) -> Result<Status, Error> {
         let (a, b) = self.entries()?;

@@ -166,6 +166,9 @@ impl Drop for Capture {
 }
 
 struct ProxyResult {
+    /// `Spliced::acked_since_splice` just before the teardown.
+    acked: (u32, u32),
+    basepoints: msocks_splice::splice::Basepoints,
     client_peer: SocketAddr,
     client_local: SocketAddr,
     server_local: SocketAddr,
@@ -378,11 +381,18 @@ fn run(v6: bool, when: When) {
                     );
                     thread::sleep(Duration::from_millis(20));
                 }
+                // Both streams were acknowledged whole: the bulk, the FIN,
+                // and (up) the prologue bytes after the splice point (none,
+                // the proxy relayed the prologue before splicing).
+                let acked = spliced.acked_since_splice().expect("acked");
+                let basepoints = spliced.basepoints();
                 // Linger so a retransmitted last FIN/ACK still finds the entry.
                 thread::sleep(Duration::from_millis(300));
                 spliced.teardown();
                 let stats = dp2.lock().expect("lock").stats().expect("stats");
                 ProxyResult {
+                    acked,
+                    basepoints,
                     client_peer,
                     client_local,
                     server_local,
@@ -462,6 +472,29 @@ fn run(v6: bool, when: When) {
     let b_segs = evidence::read(&b_path).expect("server-side capture");
     let a = evidence::Conn::find(&a_segs, px.client_peer, px.client_local).expect("conn A");
     let b = evidence::Conn::find(&b_segs, px.server_local, sv_addr).expect("conn B");
+    // What the datapath recorded as acknowledged since the splice (the
+    // paper's snd_una_C and snd_una_D, for RECONNECT) is exactly the rest
+    // of each stream after what the proxy itself sent before the splice,
+    // plus the FIN.
+    let pre_down = px
+        .basepoints
+        .client
+        .snd_nxt
+        .wrapping_sub(a.isn_passive.wrapping_add(1));
+    let pre_up = px
+        .basepoints
+        .server
+        .snd_nxt
+        .wrapping_sub(b.isn_active.wrapping_add(1));
+    let up_total = (BULK + PROLOGUE.len() as u64) as u32;
+    assert_eq!(
+        px.acked,
+        (
+            (BULK as u32).wrapping_sub(pre_down).wrapping_add(1),
+            up_total.wrapping_sub(pre_up).wrapping_add(1)
+        ),
+        "acknowledged since the splice (pre-splice: {pre_down} down, {pre_up} up)"
+    );
     let acks = evidence::check_acks_follow_client(&a_segs, &a, &b_segs, &b, 0, px.t_splice)
         .expect("(a) ACKs");
     assert!(acks > 100, "(a) checked only {acks} ACKs");
