@@ -131,7 +131,7 @@ async fn spliced(
     let attempt = tokio::task::spawn_blocking(move || match engine(&interfaces) {
         Some(e) => e.splice(c, s, drain),
         None => Err(Box::new(msocks_splice::Refused {
-            error: msocks_splice::Error::Unsupported,
+            error: msocks_splice::Error::Unavailable,
             client: c,
             server: s,
             pending_to_server: Vec::new(),

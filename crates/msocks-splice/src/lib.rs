@@ -43,6 +43,10 @@ pub enum Error {
     /// Not Linux: there is no kernel engine.
     #[error("the kernel splice engine needs Linux")]
     Unsupported,
+    /// The engine could not be loaded in this process (the reason was
+    /// reported when loading failed).
+    #[error("the kernel splice engine is not loaded")]
+    Unavailable,
     /// The object did not load or verify (no privilege, no BPF, old kernel).
     #[error("loading the splice datapath: {0}")]
     Load(#[source] BoxError),
