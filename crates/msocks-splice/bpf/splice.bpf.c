@@ -4,10 +4,11 @@
  * For every TCP segment arriving on an interface of the proxy, look its
  * 4-tuple up in the splice table. No entry: TC_ACT_UNSPEC, the next
  * classifier on the hook (or the stack) handles it.
- * HOLD: the control plane is freezing the proxy's two sockets; segments that
- * carry data (or SYN/FIN) are dropped so that no new byte enters a socket
- * (the sender retransmits them: nobody acknowledged them), pure ACKs and
- * RSTs go up so the sockets' send queues can drain. ACTIVE: rewrite the
+ * HOLD: the control plane is freezing the proxy's two sockets; no new byte
+ * may enter a socket: SYN/FIN segments are dropped, data segments go up
+ * without their payload (the sender retransmits it: nobody acknowledged
+ * it), pure ACKs and RSTs go up unchanged, so the sockets' send queues can
+ * drain. DROP: everything is dropped (a splice being moved). ACTIVE: rewrite the
  * segment into the other connection (addresses, ports, sequence and
  * acknowledgement numbers, window, timestamp and SACK options, checksums)
  * and redirect it out of the interface the FIB names, with the neighbour's
@@ -42,6 +43,7 @@ _Static_assert(sizeof(struct splice_val) == 112, "splice_val layout (src/maps.rs
 _Static_assert(offsetof(struct splice_val, seq_delta) == 44, "seq_delta offset");
 _Static_assert(offsetof(struct splice_val, out_tsoffset) == 60, "out_tsoffset offset");
 _Static_assert(offsetof(struct splice_val, out_ifindex) == 64, "out_ifindex offset");
+_Static_assert(offsetof(struct splice_val, last_tsval_out) == 68, "last_tsval_out offset");
 _Static_assert(offsetof(struct splice_val, tsval_delta) == 72, "tsval_delta offset");
 _Static_assert(offsetof(struct splice_val, events) == 96, "events offset");
 _Static_assert(offsetof(struct splice_val, drops) == 108, "drops offset");
@@ -213,6 +215,7 @@ static __always_inline int map_options(__u8 *buf, int found, struct splice_val *
 			d = old ? old : want;
 		}
 		wr32(&buf[o], tsval + (__u32)d);
+		v->last_tsval_out = tsval + (__u32)d;
 		/* TSecr echoes a TSval the receiver of the other direction got
 		 * from us: undo that direction's offset. Until that direction
 		 * has one, echo 0 (no RTT sample; RFC 7323 lets a receiver
@@ -431,11 +434,25 @@ int splice_ingress(struct __sk_buff *skb)
 	if (v->state == SPLICE_HOLD) {
 		if (rst)
 			return TC_ACT_OK;
-		if (payload || syn || fin)
+		if (syn || fin)
 			return drop(v, STAT_HELD_DROP);
+		if (payload) {
+			/* No new byte may enter the socket, but the ACK this
+			 * segment carries may be the one the socket's send queue
+			 * waits for (a peer that is sending piggybacks its ACKs):
+			 * pass the segment up without its payload. Its sender
+			 * still retransmits the payload, which nobody
+			 * acknowledged. Too long (GSO) to chop: dropped whole. */
+			if (chop_payload(skb, family, l3_off, l4_off, doff, payload) < 0)
+				return drop(v, STAT_HELD_DROP);
+			stat(STAT_HELD_CHOPPED);
+			return TC_ACT_OK;
+		}
 		stat(STAT_HELD_PASS);
 		return TC_ACT_OK;
 	}
+	if (v->state == SPLICE_DROP)
+		return drop(v, STAT_RESPLICE_DROP);
 	if (v->state != SPLICE_ACTIVE)
 		return NOT_OURS;
 	if (syn)

@@ -26,8 +26,9 @@ struct splice_key {
 };
 
 /* state */
-#define SPLICE_HOLD 1   /* freeze in progress: drop data, pass pure ACKs up */
+#define SPLICE_HOLD 1   /* freeze in progress: no data into the sockets, ACKs still up */
 #define SPLICE_ACTIVE 2 /* rewrite and redirect everything */
+#define SPLICE_DROP 3   /* resplice in progress: drop everything, let nothing reach the sockets */
 
 /* opts: what both connections negotiated (they must agree) */
 #define SPLICE_OPT_TS 1
@@ -66,7 +67,9 @@ struct splice_val {
 	/* The interface the rewritten segment leaves by: the proxy's interface
 	 * holding the new source address (the FIB lookup is confined to it). */
 	__u32 out_ifindex;
-	__u32 reserved2;
+	/* Written by the datapath: the latest TSval it put on the outgoing
+	 * connection (a resplice must not go below it). */
+	__u32 last_tsval_out;
 	/* --- written by the datapath --- */
 	/* TSval' = TSval + low 32 bits; bit 32 set once initialised (CAS). */
 	__u64 tsval_delta;
@@ -96,7 +99,9 @@ struct splice_val {
 #define STAT_FIB_LAST_RC 9   /* the last failing bpf_fib_lookup result (not a count) */
 #define STAT_IP_OPTIONS_STRIPPED 10 /* IPv4 options removed */
 #define STAT_CHOPPED 11      /* payload below the splice point chopped off */
-#define STAT_MAX 12
+#define STAT_RESPLICE_DROP 12 /* segments dropped while a splice was being moved */
+#define STAT_HELD_CHOPPED 13 /* data segments passed up without their payload in HOLD */
+#define STAT_MAX 14
 
 #define SPLICE_MAX_ENTRIES 65536
 

@@ -12,11 +12,15 @@ pub const FAMILY_V4: u8 = 2;
 /// `AF_INET6` as the datapath stores it in [`SpliceKey::family`].
 pub const FAMILY_V6: u8 = 10;
 
-/// [`SpliceVal::state`]: freeze in progress; data segments are dropped,
-/// pure ACKs reach the proxy's socket.
+/// [`SpliceVal::state`]: freeze in progress; no payload reaches the
+/// proxy's socket (data segments go up bare, SYN and FIN are dropped), ACKs
+/// do.
 pub const STATE_HOLD: u32 = 1;
 /// [`SpliceVal::state`]: segments are rewritten and redirected.
 pub const STATE_ACTIVE: u32 = 2;
+/// [`SpliceVal::state`]: a resplice is moving this pair; every segment is
+/// dropped (and retransmitted by its sender later).
+pub const STATE_DROP: u32 = 3;
 
 /// [`SpliceVal::opts`]: both connections use TCP timestamps.
 pub const OPT_TS: u32 = 1;
@@ -34,7 +38,7 @@ pub const EV_RST: u32 = 4;
 pub const TS_VALID: u64 = 1 << 32;
 
 /// Names of the global counters (`splice_stats`), by index.
-pub const STAT_NAMES: [&str; 12] = [
+pub const STAT_NAMES: [&str; 14] = [
     "spliced",
     "held_drop",
     "below_splice",
@@ -47,6 +51,8 @@ pub const STAT_NAMES: [&str; 12] = [
     "fib_last_failure_code",
     "ip_options_stripped",
     "chopped_below_splice",
+    "resplice_drop",
+    "held_chopped",
 ];
 
 /// One direction of a spliced pair: the 4-tuple of segments as they arrive
@@ -102,8 +108,9 @@ pub struct SpliceVal {
     /// Index of the interface holding the new source address; the
     /// datapath's route lookup is confined to it.
     pub out_ifindex: u32,
-    /// Zero.
-    pub reserved2: u32,
+    /// Datapath: the latest TSval it put on the outgoing connection (a
+    /// resplice must not go below it).
+    pub last_tsval_out: u32,
     /// Datapath: TSval offset, valid when [`TS_VALID`] is set.
     pub tsval_delta: u64,
     /// Datapath: segments forwarded.
@@ -136,6 +143,7 @@ const _: () = {
     assert!(std::mem::offset_of!(SpliceVal, seq_delta) == 44);
     assert!(std::mem::offset_of!(SpliceVal, out_tsoffset) == 60);
     assert!(std::mem::offset_of!(SpliceVal, out_ifindex) == 64);
+    assert!(std::mem::offset_of!(SpliceVal, last_tsval_out) == 68);
     assert!(std::mem::offset_of!(SpliceVal, tsval_delta) == 72);
     assert!(std::mem::offset_of!(SpliceVal, events) == 96);
     assert!(std::mem::offset_of!(SpliceVal, drops) == 108);

@@ -5,8 +5,8 @@
 //! 1. check that both connections negotiated the same options and MSSes
 //!    that fit each other;
 //! 2. install both directions in HOLD: from now on no new data enters the
-//!    proxy's sockets (the datapath drops it unacknowledged, so the senders
-//!    retransmit it), while pure ACKs still reach them;
+//!    proxy's sockets (the datapath strips or drops it unacknowledged, so
+//!    the senders retransmit it), while ACKs still reach them;
 //! 3. drain: copy what is in either receive queue to the other socket and
 //!    wait until both receive and both send queues are empty;
 //! 4. flush any owed ACK (TCP_QUICKACK), freeze both sockets (TCP_REPAIR),
@@ -493,7 +493,7 @@ fn freeze_quiet(client: &TcpStream, server: &TcpStream) -> Result<(ConnState, Co
         repair::keepalive_off(s.as_fd()).map_err(sock_err("SO_KEEPALIVE"))?;
         repair::set_repair(s.as_fd(), true).map_err(sock_err("TCP_REPAIR"))?;
     }
-    // Nothing can have arrived since (HOLD drops data), but check: a
+    // Nothing can have arrived since (HOLD lets no payload in), but check: a
     // non-empty queue now would be a byte the splice loses.
     for s in [client, server] {
         let q = repair::inq(s.as_fd()).map_err(sock_err("SIOCINQ"))?

@@ -617,7 +617,14 @@ fn fixed_verdicts(dp: &mut Datapath, n: &Net) -> Result<(), String> {
         ..SpliceVal::default()
     };
     dp.set_entry(&key, &hold).map_err(|e| e.to_string())?;
-    expect("HOLD: data", run(dp, &base)?, TC_ACT_SHOT)?;
+    // HOLD: a data segment goes up to the socket as a bare ACK, unchanged
+    // otherwise (same addresses and numbers), with valid checksums.
+    let (verdict, out) = dp.test_run(&build(&base)).map_err(|e| e.to_string())?;
+    expect("HOLD: data", verdict, TC_ACT_OK)?;
+    let o = parse(&out).map_err(|e| format!("HOLD: data: {e}"))?;
+    if !o.payload.is_empty() || o.seq != base.seq || o.ack != base.ack || o.dst != base.dst {
+        return Err(format!("HOLD: data: passed up as {o:?}"));
+    }
     expect(
         "HOLD: FIN",
         run(
@@ -641,6 +648,18 @@ fn fixed_verdicts(dp: &mut Datapath, n: &Net) -> Result<(), String> {
         )?,
         TC_ACT_OK,
     )?;
+    // DROP (a splice being moved): nothing passes, not even a pure ACK.
+    let dropping = SpliceVal {
+        state: msocks_splice::maps::STATE_DROP,
+        ..SpliceVal::default()
+    };
+    dp.set_entry(&key, &dropping).map_err(|e| e.to_string())?;
+    let pure = Seg {
+        payload: vec![],
+        ..base.clone()
+    };
+    expect("DROP: pure ACK", run(dp, &pure)?, TC_ACT_SHOT)?;
+    expect("DROP: data", run(dp, &base)?, TC_ACT_SHOT)?;
     Ok(())
 }
 
