@@ -28,7 +28,7 @@ use crate::loader::Datapath;
 use crate::mapping::{ConnState, DirMap};
 use crate::maps::{
     addr_words, SpliceKey, SpliceVal, EV_FIN_ACKED, EV_RST, OPT_SACK, OPT_TS, STATE_ACTIVE,
-    STATE_HOLD,
+    STATE_DROP, STATE_HOLD, TS_VALID,
 };
 use crate::repair::{self, Info, TCPI_OPT_ECN, TCPI_OPT_SACK, TCPI_OPT_TIMESTAMPS};
 use crate::Error;
@@ -87,6 +87,11 @@ pub struct Spliced {
     client: Option<TcpStream>,
     server: Option<TcpStream>,
     basepoints: Basepoints,
+    /// Bytes the drain copied before the splice: (up, down).
+    drained: (u64, u64),
+    /// A client connection replaced by [`Spliced::resplice_client`]: its
+    /// frozen socket and (DROP) entry, released with this splice.
+    retired: Option<(SpliceKey, TcpStream)>,
 }
 
 fn lock(dp: &SharedDatapath) -> MutexGuard<'_, Datapath> {
@@ -304,7 +309,7 @@ pub fn splice_with(
 
     // Steps 3 and 4.
     let frozen = freeze(&client, &server, drain_timeout);
-    let (c_state, s_state) = match frozen {
+    let (c_state, s_state, drained) = match frozen {
         Ok(s) => s,
         Err((error, pending)) => {
             remove_entries();
@@ -380,6 +385,8 @@ pub fn splice_with(
             client: c_state,
             server: s_state,
         },
+        drained,
+        retired: None,
     })
 }
 
@@ -389,7 +396,13 @@ pub fn splice_with(
 pub(crate) struct Pending {
     to_server: Vec<u8>,
     to_client: Vec<u8>,
+    /// Bytes the drain wrote to the server, and to the client.
+    written: (u64, u64),
 }
+
+/// What a successful freeze read: both connections' state, and the bytes
+/// the drain copied (up, down).
+type Frozen = (ConnState, ConnState, (u64, u64));
 
 /// Steps 3 and 4: drain both sockets, then freeze them and read their
 /// state. On failure, returns what it read and did not yet write.
@@ -397,13 +410,15 @@ fn freeze(
     client: &TcpStream,
     server: &TcpStream,
     timeout: Duration,
-) -> Result<(ConnState, ConnState), (Error, Pending)> {
+) -> Result<Frozen, (Error, Pending)> {
     let mut pending = Pending::default();
     match drain(client, server, timeout, &mut pending) {
         Ok(()) => {}
         Err(e) => return Err((e, pending)),
     }
-    freeze_quiet(client, server).map_err(|e| (e, Pending::default()))
+    freeze_quiet(client, server)
+        .map(|(c, s)| (c, s, pending.written))
+        .map_err(|e| (e, Pending::default()))
 }
 
 /// Step 3. Non-blocking throughout: a destination that does not take
@@ -423,9 +438,19 @@ fn drain(
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let mut moved = false;
-        for (mut from, mut to, queue) in [
-            (client, server, &mut pending.to_server),
-            (server, client, &mut pending.to_client),
+        for (mut from, mut to, queue, written) in [
+            (
+                client,
+                server,
+                &mut pending.to_server,
+                &mut pending.written.0,
+            ),
+            (
+                server,
+                client,
+                &mut pending.to_client,
+                &mut pending.written.1,
+            ),
         ] {
             if queue.is_empty() {
                 let n = repair::inq(from.as_fd()).map_err(sock_err("SIOCINQ"))? as usize;
@@ -449,6 +474,7 @@ fn drain(
                 match to.write(queue) {
                     Ok(k) => {
                         queue.drain(..k);
+                        *written += k as u64;
                         moved = true;
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -590,6 +616,283 @@ impl Spliced {
         Ok((client, server))
     }
 
+    /// Bytes the drain copied between the sockets before the splice
+    /// point: (up, down). With the bytes the proxy relayed before calling
+    /// [`splice()`], they turn the offsets of
+    /// [`Spliced::acked_since_splice`] into stream offsets.
+    pub fn drained(&self) -> (u64, u64) {
+        self.drained
+    }
+
+    /// First step of moving the client side to a new connection (the
+    /// paper's RECONNECT): stops both directions (state DROP: nothing
+    /// crosses, nothing reaches a socket; senders will retransmit) and
+    /// returns where each stream resumes, as
+    /// [`Spliced::acked_since_splice`] now says — final, since no
+    /// acknowledgement is recorded any more: the client acknowledged the
+    /// server's stream up to the first, the server the client's up to the
+    /// second.
+    pub fn suspend(&mut self) -> Result<(u32, u32), Error> {
+        {
+            let mut dp = lock(&self.datapath);
+            let mut table = dp.table()?;
+            for key in [self.to_server, self.to_client] {
+                let mut v = table.get(&key, 0).map_err(|e| Error::Map(Box::new(e)))?;
+                v.state = STATE_DROP;
+                table
+                    .insert(key, v, 0)
+                    .map_err(|e| Error::Map(Box::new(e)))?;
+            }
+        }
+        self.acked_since_splice()
+    }
+
+    /// Second step of a move: puts the new client connection's 4-tuple in
+    /// HOLD, so that from now on nothing the client sends on it enters the
+    /// socket. Call it after reading the client's request on `client` and
+    /// before writing the reply that tells it where to resume (the
+    /// offsets from [`Spliced::suspend`]); the client must send nothing
+    /// between its request and that reply.
+    pub fn prepare_client(&self, client: &TcpStream) -> Result<(), Error> {
+        let key = SpliceKey::new(
+            client.peer_addr().map_err(sock_err("getpeername"))?,
+            client.local_addr().map_err(sock_err("getsockname"))?,
+        );
+        let mut dp = lock(&self.datapath);
+        dp.table()?
+            .insert(key, hold_value(), 1)
+            .map_err(|e| Error::Map(Box::new(e)))
+    }
+
+    /// Last step of a move: once the reply is acknowledged, freezes the
+    /// new client connection and splices it to the server connection
+    /// exactly where [`Spliced::suspend`] said the streams resume: the
+    /// server's bytes from the first offset go to the new connection, the
+    /// client's bytes from the second offset (which the client sends
+    /// again) go to the server. The old client connection is retired
+    /// silently. On failure the splice stays suspended and the new
+    /// connection's entry is removed.
+    pub fn resplice_client(
+        mut self,
+        client: TcpStream,
+        drain_timeout: Duration,
+    ) -> Result<Spliced, Box<(Error, Spliced)>> {
+        let new_key = match (client.peer_addr(), client.local_addr()) {
+            (Ok(p), Ok(l)) => SpliceKey::new(p, l),
+            (Err(e), _) | (_, Err(e)) => {
+                return Err(Box::new((
+                    Error::Socket {
+                        op: "getpeername",
+                        source: e,
+                    },
+                    self,
+                )))
+            }
+        };
+        match self.resplice_inner(&client, drain_timeout) {
+            Ok((fwd, rev, basepoints)) => {
+                let old_key = self.to_server;
+                {
+                    let mut dp = lock(&self.datapath);
+                    let done = dp.table().and_then(|mut t| {
+                        t.insert(new_key, fwd, 0)
+                            .map_err(|e| Error::Map(Box::new(e)))?;
+                        t.insert(self.to_client, rev, 0)
+                            .map_err(|e| Error::Map(Box::new(e)))
+                    });
+                    if let Err(e) = done {
+                        if let Ok(mut t) = dp.table() {
+                            let _ = t.remove(&new_key);
+                        }
+                        drop(dp);
+                        let _ = repair::set_repair(client.as_fd(), false);
+                        return Err(Box::new((e, self)));
+                    }
+                }
+                let old_client = self.client.take();
+                let server = self.server.take();
+                let drained = self.drained;
+                // The old entry stays in DROP until this splice ends, so
+                // that late segments of the old connection reach neither
+                // its frozen socket nor the server.
+                let retired = old_client.map(|c| (old_key, c));
+                let datapath = Arc::clone(&self.datapath);
+                let to_client = self.to_client;
+                // `self` is spent: its sockets moved out (so its `Drop`
+                // releases nothing), its keys now belong to the new splice.
+                drop(self);
+                Ok(Spliced {
+                    datapath,
+                    to_server: new_key,
+                    to_client,
+                    client: Some(client),
+                    server,
+                    basepoints,
+                    drained,
+                    retired,
+                })
+            }
+            Err(e) => {
+                let mut dp = lock(&self.datapath);
+                if let Ok(mut t) = dp.table() {
+                    let _ = t.remove(&new_key);
+                }
+                drop(dp);
+                let _ = repair::set_repair(client.as_fd(), false);
+                Err(Box::new((e, self)))
+            }
+        }
+    }
+
+    /// Drains and freezes the new client connection and computes the new
+    /// entries: (client → server, server → client, basepoints).
+    fn resplice_inner(
+        &self,
+        client: &TcpStream,
+        timeout: Duration,
+    ) -> Result<(SpliceVal, SpliceVal, Basepoints), Error> {
+        let (up, down) = self.entries()?;
+        if (up.events | down.events) & (EV_RST | crate::maps::EV_FIN) != 0 {
+            return Err(Error::Incompatible(
+                "the spliced connections are closing".into(),
+            ));
+        }
+        let old_server = self.basepoints.server;
+        let old_fwd = DirMap::new(&self.basepoints.client, &old_server);
+        // Where the server's connection resumes, in its sequence space:
+        // the next byte the server expects (its last ACK), and the next
+        // byte of the server's the client has not acknowledged.
+        let b_up = if down.packets > 0 {
+            down.last_ack
+        } else {
+            old_server.snd_nxt
+        };
+        let b_down = if up.packets > 0 {
+            old_fwd.ack(up.last_ack)
+        } else {
+            old_server.rcv_nxt
+        };
+
+        let c_info = repair::info(client.as_fd()).map_err(sock_err("TCP_INFO"))?;
+        let old_c = self
+            .client
+            .as_ref()
+            .ok_or(Error::Incompatible("no client socket".into()))?;
+        let old_info = repair::info(old_c.as_fd()).map_err(sock_err("TCP_INFO"))?;
+        let mask = TCPI_OPT_TIMESTAMPS | TCPI_OPT_SACK | TCPI_OPT_ECN;
+        if c_info.options & mask != old_info.options & mask {
+            return Err(Error::Incompatible(
+                "the new client connection negotiated other options".into(),
+            ));
+        }
+        if c_info.state != 1 {
+            return Err(Error::Incompatible(
+                "the new client connection is not ESTABLISHED".into(),
+            ));
+        }
+        let optlen = if c_info.options & TCPI_OPT_TIMESTAMPS != 0 {
+            12
+        } else {
+            0
+        };
+        let s = self
+            .server
+            .as_ref()
+            .ok_or(Error::Incompatible("no server socket".into()))?;
+        let s_info = repair::info(s.as_fd()).map_err(sock_err("TCP_INFO"))?;
+        if c_info.advmss > s_info.snd_mss + optlen || s_info.advmss > c_info.snd_mss + optlen {
+            return Err(Error::Incompatible(
+                "MSS of the new client connection".into(),
+            ));
+        }
+        let c_ifindex = crate::loader::ifindex_of_addr(
+            client.local_addr().map_err(sock_err("getsockname"))?.ip(),
+        )?;
+        if !lock(&self.datapath).covers(c_ifindex) {
+            return Err(Error::Incompatible(format!(
+                "the datapath is not attached to interface {c_ifindex}"
+            )));
+        }
+
+        // Drain: the reply must be acknowledged, and nothing may wait in
+        // the receive queue (the client sends nothing before the reply;
+        // what it sends after is kept out by HOLD).
+        client
+            .set_nonblocking(true)
+            .map_err(sock_err("set_nonblocking"))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if repair::inq(client.as_fd()).map_err(sock_err("SIOCINQ"))? != 0 {
+                return Err(Error::Incompatible(
+                    "the client sent data before the reply: the server connection cannot take it"
+                        .into(),
+                ));
+            }
+            repair::quickack(client.as_fd()).map_err(sock_err("TCP_QUICKACK"))?;
+            if repair::outq(client.as_fd()).map_err(sock_err("SIOCOUTQ"))? == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::DrainTimeout);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        repair::keepalive_off(client.as_fd()).map_err(sock_err("SO_KEEPALIVE"))?;
+        repair::set_repair(client.as_fd(), true).map_err(sock_err("TCP_REPAIR"))?;
+        let c_state =
+            repair::read_state(client.as_fd(), &c_info).map_err(sock_err("TCP_QUEUE_SEQ"))?;
+
+        // The server connection as the datapath left it.
+        let mut s_state = old_server;
+        s_state.snd_nxt = b_up;
+        s_state.rcv_nxt = b_down;
+        // TSvals to the server must not fall below the last one it got:
+        // move the outgoing clock up to it if needed.
+        let now = repair::monotonic_ms();
+        let b_now = now.wrapping_add(old_server.ts_offset);
+        let floor = up.last_tsval_out.wrapping_add(1);
+        let start = if up.tsval_delta & TS_VALID != 0 && crate::mapping::seq_before(b_now, floor) {
+            floor
+        } else {
+            b_now
+        };
+        s_state.ts_offset = start.wrapping_sub(now);
+
+        let c_local = client.local_addr().map_err(sock_err("getsockname"))?;
+        let c_peer = client.peer_addr().map_err(sock_err("getpeername"))?;
+        let s_local = s.local_addr().map_err(sock_err("getsockname"))?;
+        let s_peer = s.peer_addr().map_err(sock_err("getpeername"))?;
+        let fwd = DirMap::new(&c_state, &s_state);
+        let rev = DirMap::new(&s_state, &c_state);
+        let opts = up.opts;
+        let v_fwd = value(
+            STATE_ACTIVE,
+            opts,
+            &fwd,
+            s_local,
+            s_peer,
+            &s_state,
+            up.out_ifindex,
+        );
+        let v_rev = value(
+            STATE_ACTIVE,
+            opts,
+            &rev,
+            c_local,
+            c_peer,
+            &c_state,
+            c_ifindex,
+        );
+        Ok((
+            v_fwd,
+            v_rev,
+            Basepoints {
+                client: c_state,
+                server: s_state,
+            },
+        ))
+    }
+
     /// Whether the spliced connections are over.
     pub fn status(&self) -> Result<Status, Error> {
         let (a, b) = self.entries()?;
@@ -615,8 +918,13 @@ impl Spliced {
             if let Ok(mut table) = dp.table() {
                 let _ = table.remove(&self.to_server);
                 let _ = table.remove(&self.to_client);
+                if let Some((key, _)) = &self.retired {
+                    let _ = table.remove(key);
+                }
             }
         }
+        // In repair mode: dropping it sends nothing.
+        self.retired.take();
         // Still in repair mode: close() ends them silently.
         self.client.take();
         self.server.take();
