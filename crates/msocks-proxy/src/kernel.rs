@@ -209,6 +209,10 @@ async fn spliced(
             },
         }
     };
+    // What the drain copied before the splice, then what crossed it.
+    let (drained_up, drained_down) = spliced.drained();
+    traffic.up.fetch_add(drained_up, Ordering::Relaxed);
+    traffic.down.fetch_add(drained_down, Ordering::Relaxed);
     if let Ok((up, down)) = spliced.forwarded() {
         traffic.up.fetch_add(up, Ordering::Relaxed);
         traffic.down.fetch_add(down, Ordering::Relaxed);

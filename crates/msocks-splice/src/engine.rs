@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::loader::{default_interfaces, Datapath};
-use crate::splice::{splice, Refused, SharedDatapath, Spliced, Status};
+use crate::splice::{splice, Refused, SharedDatapath, Spliced};
 use crate::Error;
 
 /// The loaded, attached datapath of one proxy process.
@@ -42,10 +42,5 @@ impl Engine {
         drain_timeout: Duration,
     ) -> Result<Spliced, Box<Refused>> {
         splice(&self.datapath, client, server, drain_timeout)
-    }
-
-    /// Whether a splice is over (convenience for pollers).
-    pub fn status(spliced: &Spliced) -> Result<Status, Error> {
-        spliced.status()
     }
 }
