@@ -16,6 +16,7 @@ mod evidence;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -68,7 +69,23 @@ fn recv(mut s: &TcpStream, mut h: Sha256, mut total: u64) -> (u64, Vec<u8>) {
     }
 }
 
-struct Capture(Child);
+struct Capture(Child, Option<thread::JoinHandle<Vec<u8>>>);
+
+#[derive(Clone)]
+struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 impl Capture {
     fn start(ns: &Netns, iface: &str, path: &std::path::Path) -> Capture {
@@ -99,18 +116,32 @@ impl Capture {
             assert!(n > 0, "tcpdump exited: {}", String::from_utf8_lossy(&seen));
             seen.extend_from_slice(&b[..n]);
         }
-        thread::spawn(move || {
-            let mut sink = Vec::new();
-            let _ = err.read_to_end(&mut sink);
+        let rest = thread::spawn(move || {
+            let mut rest = Vec::new();
+            let _ = err.read_to_end(&mut rest);
+            rest
         });
-        Capture(child)
+        Capture(child, Some(rest))
     }
 
-    fn stop(mut self) {
+    /// Stops tcpdump and returns how many packets the kernel dropped
+    /// before tcpdump read them (unknown counts as lossy).
+    fn stop(mut self) -> u64 {
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &self.0.id().to_string()])
             .status();
         let _ = self.0.wait();
+        let text = self
+            .1
+            .take()
+            .and_then(|h| h.join().ok())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        text.lines()
+            .find(|l| l.contains("dropped by kernel"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(u64::MAX)
     }
 }
 
@@ -142,6 +173,17 @@ fn kernel_engine_splices_a_connect_session() {
     if !msocks_testbed::require_root("kernel_engine_splices_a_connect_session") {
         return;
     }
+    // The proxy's log says which engine each session used.
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let logs = LogBuffer(Arc::new(Mutex::new(Vec::new())));
+    let writer = logs.clone();
+    tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing_subscriber::filter::LevelFilter::INFO)
+        .with_writer(move || writer.clone())
+        .finish()
+        .try_init()
+        .expect("no other global subscriber in this test binary");
     let tb = Testbed::mobile_proxy_server().expect("testbed");
     let dir = std::env::temp_dir().join(format!("msocks-kernel-engine-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
@@ -247,13 +289,25 @@ fn kernel_engine_splices_a_connect_session() {
     thread::sleep(Duration::from_secs(3));
     let _ = stop_tx.send(());
     proxy.join().expect("proxy thread");
-    cap_a.stop();
-    cap_b.stop();
+    let dropped = cap_a.stop().saturating_add(cap_b.stop());
 
     assert_eq!((c_n, s_n), (BULK, BULK), "bytes received by client, server");
     assert_eq!(c_got, s_sent, "client's SHA-256");
     assert_eq!(s_got, c_sent, "server's SHA-256");
 
+    let text =
+        String::from_utf8_lossy(&logs.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("engine: spliced") && l.contains("kernel")),
+        "the session was not spliced:\n{text}"
+    );
+    if dropped != 0 {
+        // Evidence from a lossy capture proves nothing either way.
+        eprintln!("WARNING: tcpdump lost {dropped} packets; the packet check is skipped this run");
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     let a_segs = evidence::read(&cap_a_path).expect("client-side capture");
     let b_segs = evidence::read(&cap_b_path).expect("server-side capture");
     let a = evidence::Conn::find(&a_segs, c_addr, px_addr).expect("conn A");
