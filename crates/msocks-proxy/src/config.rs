@@ -48,6 +48,8 @@ pub struct ProxyConfig {
     pub bind: BindConfig,
     /// MSOCKS mobility (connection identifiers and RECONNECT).
     pub mobility: MobilityConfig,
+    /// Which splice engine plain sessions use.
+    pub engine: EngineConfig,
     /// Logging.
     pub log: LogConfig,
     /// Access rules, tried in order; the first that matches decides. With no rules at all
@@ -64,6 +66,7 @@ impl Default for ProxyConfig {
             limits: LimitsConfig::default(),
             bind: BindConfig::default(),
             mobility: MobilityConfig::default(),
+            engine: EngineConfig::default(),
             log: LogConfig::default(),
             rules: Vec::new(),
         }
@@ -167,6 +170,43 @@ impl Default for MobilityConfig {
             park_timeout: Duration::from_secs(180),
             home: None,
             standby_idle: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[engine]`: how a plain (non-MSOCKS) session's bytes cross the proxy.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// `"relay"` (userspace copy, any OS) or `"kernel"` (Linux TCP Splice in eBPF; falls back
+    /// to `relay` where it cannot load or cannot splice a session).
+    pub kind: EngineKind,
+    /// Interfaces the kernel engine attaches to; empty means every non-loopback interface
+    /// present at the first kernel session.
+    pub interfaces: Vec<String>,
+    /// Longest time the kernel engine waits for the proxy's sockets to drain before it gives
+    /// the session to `relay` instead.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+/// The engine kinds of [`EngineConfig::kind`].
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// Userspace copy between the two sockets.
+    #[default]
+    Relay,
+    /// Packet-level TCP Splice (Linux, root).
+    Kernel,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            kind: EngineKind::Relay,
+            interfaces: Vec::new(),
+            drain_timeout: Duration::from_secs(3),
         }
     }
 }

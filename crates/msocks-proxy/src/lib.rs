@@ -11,6 +11,8 @@
 //! - [`handshake`]: the bounded buffer in front of the decoders;
 //! - [`resolve`] and [`connect`]: reaching the destination, and mapping failures to replies;
 //! - [`relay`]: the userspace `relay` engine that copies a plain session's bytes;
+//! - `kernel`: the `kernel` engine (Linux TCP Splice, crate `msocks-splice`) for plain
+//!   sessions, falling back to `relay`;
 //! - `mobile` and `registry`: MSOCKS sessions — retention of unacknowledged bytes, parking,
 //!   RECONNECT and the resplice; `standby`: pre-opened connections answering liveness
 //!   probes; [`tcp_state`]: what the kernel says about acknowledgments.
@@ -22,6 +24,7 @@ mod bind;
 pub mod config;
 pub mod connect;
 pub mod handshake;
+mod kernel;
 mod mobile;
 mod registry;
 pub mod relay;

@@ -423,6 +423,17 @@ pub(crate) async fn run_established(
     );
     match mobile {
         None => {
+            let (client_stream, server, early) =
+                match crate::kernel::run(shared, client.id, client_stream, server, early, traffic)
+                    .await
+                {
+                    crate::kernel::KernelRun::Ended(end) => return Outcome::Ended(end),
+                    crate::kernel::KernelRun::Relay {
+                        client,
+                        server,
+                        early_sent,
+                    } => (client, server, if early_sent { &[][..] } else { early }),
+                };
             let end: RelayEnd = relay(
                 client_stream,
                 server,

@@ -1,0 +1,222 @@
+//! The `kernel` engine for plain sessions: after the SOCKS exchange the two sockets go to
+//! [`msocks_splice`], which splices them at packet level (Linux, root). Wherever that
+//! cannot happen — another OS, no privilege, no BPF, a session whose connections cannot be
+//! spliced — the session runs on the `relay` engine instead, and the log says why.
+
+#[cfg(target_os = "linux")]
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tracing::info;
+
+use crate::config::EngineKind;
+use crate::relay::Traffic;
+use crate::server::Shared;
+
+/// What the caller does next.
+pub(crate) enum KernelRun {
+    /// The session ran spliced and is over, for this reason.
+    Ended(String),
+    /// Run the relay on these sockets; `early_sent` says whether the client's early bytes
+    /// were already written to the server.
+    Relay {
+        client: TcpStream,
+        server: TcpStream,
+        early_sent: bool,
+    },
+}
+
+/// How often a live splice is checked for its end (both FINs acknowledged, or a RST).
+#[cfg(target_os = "linux")]
+const POLL: Duration = Duration::from_millis(100);
+/// How long a finished splice's entries stay, so a retransmitted last FIN or ACK is still
+/// rewritten rather than answered with a RST by the proxy's own stack.
+#[cfg(target_os = "linux")]
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Runs the session on the kernel engine when it is configured and possible.
+pub(crate) async fn run(
+    shared: &Shared,
+    session: u64,
+    client: TcpStream,
+    mut server: TcpStream,
+    early: &[u8],
+    traffic: &Traffic,
+) -> KernelRun {
+    if shared.config.engine.kind != EngineKind::Kernel {
+        info!(session, engine = "relay", "engine");
+        return KernelRun::Relay {
+            client,
+            server,
+            early_sent: false,
+        };
+    }
+    if !early.is_empty() {
+        if let Err(e) = server.write_all(early).await {
+            return KernelRun::Ended(format!("writing the client's early data: {e}"));
+        }
+        traffic
+            .up
+            .fetch_add(early.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+    spliced(shared, session, client, server, traffic).await
+}
+
+#[cfg(not(target_os = "linux"))]
+async fn spliced(
+    _shared: &Shared,
+    session: u64,
+    client: TcpStream,
+    server: TcpStream,
+    _traffic: &Traffic,
+) -> KernelRun {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        tracing::warn!(
+            "kernel splice engine unavailable (it needs Linux); sessions use the relay engine"
+        )
+    });
+    info!(session, engine = "relay", "engine");
+    KernelRun::Relay {
+        client,
+        server,
+        early_sent: true,
+    }
+}
+
+#[cfg(target_os = "linux")]
+static ENGINE: std::sync::OnceLock<Option<msocks_splice::Engine>> = std::sync::OnceLock::new();
+
+/// The process's engine, loaded at the first kernel session; `None` (logged once) where
+/// it cannot load.
+#[cfg(target_os = "linux")]
+fn engine(interfaces: &[String]) -> Option<&'static msocks_splice::Engine> {
+    ENGINE
+        .get_or_init(|| match msocks_splice::Engine::start(interfaces) {
+            Ok(e) => {
+                info!("kernel splice engine loaded");
+                Some(e)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "kernel splice engine unavailable ({e}); sessions use the relay engine"
+                );
+                None
+            }
+        })
+        .as_ref()
+}
+
+#[cfg(target_os = "linux")]
+async fn spliced(
+    shared: &Shared,
+    session: u64,
+    client: TcpStream,
+    server: TcpStream,
+    traffic: &Traffic,
+) -> KernelRun {
+    use msocks_splice::Status;
+    use std::sync::atomic::Ordering;
+
+    let (c, s) = match (client.into_std(), server.into_std()) {
+        (Ok(c), Ok(s)) => (c, s),
+        // into_std only fails when deregistering from the reactor fails; the sockets are
+        // then gone with the error.
+        (Err(e), _) | (_, Err(e)) => return KernelRun::Ended(format!("kernel engine: {e}")),
+    };
+    let interfaces = shared.config.engine.interfaces.clone();
+    let drain = shared.config.engine.drain_timeout;
+    // Loading (the verifier) and the freeze (up to `drain`) block: off the reactor.
+    let attempt = tokio::task::spawn_blocking(move || match engine(&interfaces) {
+        Some(e) => e.splice(c, s, drain),
+        None => Err(Box::new(msocks_splice::Refused {
+            error: msocks_splice::Error::Unavailable,
+            client: c,
+            server: s,
+            pending_to_server: Vec::new(),
+            pending_to_client: Vec::new(),
+        })),
+    })
+    .await;
+    let spliced = match attempt {
+        Ok(Ok(sp)) => sp,
+        Ok(Err(refused)) => {
+            let r = *refused;
+            info!(session, engine = "relay", reason = %r.error, "engine: not spliced");
+            let back = r
+                .client
+                .set_nonblocking(true)
+                .and_then(|()| r.server.set_nonblocking(true))
+                .and_then(|()| {
+                    Ok((
+                        TcpStream::from_std(r.client)?,
+                        TcpStream::from_std(r.server)?,
+                    ))
+                });
+            let (mut client, mut server) = match back {
+                Ok(pair) => pair,
+                Err(e) => return KernelRun::Ended(format!("kernel engine fallback: {e}")),
+            };
+            // Bytes the abandoned drain had already taken from one side go first.
+            if let Err(e) = server.write_all(&r.pending_to_server).await {
+                return KernelRun::Ended(format!("kernel engine fallback: {e}"));
+            }
+            if let Err(e) = client.write_all(&r.pending_to_client).await {
+                return KernelRun::Ended(format!("kernel engine fallback: {e}"));
+            }
+            traffic
+                .up
+                .fetch_add(r.pending_to_server.len() as u64, Ordering::Relaxed);
+            traffic
+                .down
+                .fetch_add(r.pending_to_client.len() as u64, Ordering::Relaxed);
+            return KernelRun::Relay {
+                client,
+                server,
+                early_sent: true,
+            };
+        }
+        Err(e) => return KernelRun::Ended(format!("kernel engine task: {e}")),
+    };
+    info!(session, engine = "kernel", "engine: spliced");
+    // `idle_timeout` as the relay applies it: no segment either way for that long ends the
+    // session (silently: the peers' next segments find no socket and get a RST).
+    let idle_timeout = shared.config.limits.idle_timeout;
+    let mut last_packets = 0u64;
+    let mut last_move = tokio::time::Instant::now();
+    let end = loop {
+        tokio::select! {
+            () = shared.abort.cancelled() => break "shut down".to_owned(),
+            () = tokio::time::sleep(POLL) => match spliced.status() {
+                Ok(Status::Finished) => {
+                    tokio::time::sleep(LINGER).await;
+                    break "completed (kernel splice)".to_owned();
+                }
+                Ok(Status::Active) => {
+                    let packets = spliced
+                        .entries()
+                        .map(|(up, down)| up.packets.wrapping_add(down.packets))
+                        .unwrap_or(last_packets);
+                    if packets != last_packets {
+                        last_packets = packets;
+                        last_move = tokio::time::Instant::now();
+                    } else if !idle_timeout.is_zero() && last_move.elapsed() >= idle_timeout {
+                        break "idle timeout (kernel splice)".to_owned();
+                    }
+                }
+                Err(e) => break format!("kernel splice: {e}"),
+            },
+        }
+    };
+    // What the drain copied before the splice, then what crossed it.
+    let (drained_up, drained_down) = spliced.drained();
+    traffic.up.fetch_add(drained_up, Ordering::Relaxed);
+    traffic.down.fetch_add(drained_down, Ordering::Relaxed);
+    if let Ok((up, down)) = spliced.forwarded() {
+        traffic.up.fetch_add(up, Ordering::Relaxed);
+        traffic.down.fetch_add(down, Ordering::Relaxed);
+    }
+    spliced.teardown();
+    KernelRun::Ended(end)
+}

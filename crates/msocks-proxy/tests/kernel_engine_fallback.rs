@@ -1,0 +1,161 @@
+//! Where the kernel engine cannot load, the proxy says so once and serves every session on
+//! the relay engine. Here it cannot attach (the configured interface does not exist); two
+//! CONNECT sessions from the testbed's mobile node to an echo server must still work, with
+//! one "unavailable" log line in all and one "not spliced" line per session.
+//!
+//! Its own test binary: the engine is loaded once per process.
+//!
+//! Needs root; without it the test prints SKIPPED, or fails when `CI` is set.
+
+#![cfg(target_os = "linux")]
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use msocks_proxy::config::{EngineConfig, EngineKind};
+use msocks_proxy::{Proxy, ProxyConfig};
+use msocks_testbed::Testbed;
+
+#[derive(Clone)]
+struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn socks_connect(px: SocketAddr, sv: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(px).expect("connect proxy");
+    s.set_read_timeout(Some(Duration::from_secs(20))).ok();
+    (&s).write_all(&[5, 1, 0]).expect("greeting");
+    let mut sel = [0u8; 2];
+    (&s).read_exact(&mut sel).expect("selection");
+    assert_eq!(sel, [5, 0]);
+    let IpAddr::V4(ip) = sv.ip() else {
+        unreachable!("IPv4 server")
+    };
+    let mut req = vec![5, 1, 0, 1];
+    req.extend_from_slice(&ip.octets());
+    req.extend_from_slice(&sv.port().to_be_bytes());
+    (&s).write_all(&req).expect("request");
+    let mut rep = [0u8; 10];
+    (&s).read_exact(&mut rep).expect("reply");
+    assert_eq!(&rep[..2], &[5, 0], "CONNECT succeeded");
+    s
+}
+
+#[test]
+fn an_engine_that_cannot_load_leaves_sessions_on_the_relay() {
+    if !msocks_testbed::require_root("an_engine_that_cannot_load_leaves_sessions_on_the_relay") {
+        return;
+    }
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let logs = LogBuffer(Arc::new(Mutex::new(Vec::new())));
+    let writer = logs.clone();
+    tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing_subscriber::filter::LevelFilter::INFO)
+        .with_writer(move || writer.clone())
+        .finish()
+        .try_init()
+        .expect("no other global subscriber in this test binary");
+
+    let tb = Testbed::mobile_proxy_server().expect("testbed");
+    let px_addr = SocketAddr::new(tb.px_wired_ip.into(), 1080);
+    let sv_addr = SocketAddr::new(tb.sv_ip.into(), 7002);
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel::<()>();
+    let proxy = tb
+        .px
+        .run_in(move || {
+            thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async move {
+                    let config = ProxyConfig {
+                        listen: vec![px_addr],
+                        engine: EngineConfig {
+                            kind: EngineKind::Kernel,
+                            interfaces: vec!["nosuchif0".to_owned()],
+                            ..EngineConfig::default()
+                        },
+                        ..ProxyConfig::default()
+                    };
+                    let proxy = Proxy::bind(config, None).await.expect("proxy bind");
+                    let _ = bound_tx.send(());
+                    proxy
+                        .run(async move {
+                            let _ = stop_rx.await;
+                        })
+                        .await;
+                });
+            })
+        })
+        .expect("setns px");
+    bound_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the proxy started");
+
+    let echo = tb
+        .sv
+        .run_in(|| {
+            let l = TcpListener::bind(sv_addr).expect("bind");
+            thread::spawn(move || {
+                for _ in 0..2 {
+                    let (s, _) = l.accept().expect("accept");
+                    let _ = io::copy(&mut &s, &mut &s);
+                }
+            })
+        })
+        .expect("setns sv");
+
+    for round in 0..2u8 {
+        tb.mn
+            .run_in(|| {
+                let s = socks_connect(px_addr, sv_addr);
+                let msg = [round; 1000];
+                (&s).write_all(&msg).expect("send");
+                let mut back = [0u8; 1000];
+                (&s).read_exact(&mut back).expect("echo");
+                assert_eq!(back, msg, "echoed through the relay");
+            })
+            .expect("setns mn");
+    }
+    let _ = stop_tx.send(());
+    proxy.join().expect("proxy");
+    echo.join().expect("echo");
+
+    let text =
+        String::from_utf8_lossy(&logs.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    let unavailable = text
+        .lines()
+        .filter(|l| l.contains("kernel splice engine unavailable"))
+        .count();
+    let relayed = text
+        .lines()
+        .filter(|l| l.contains("engine: not spliced") && l.contains("relay"))
+        .count();
+    assert_eq!(
+        unavailable, 1,
+        "one clear line, not one per session:\n{text}"
+    );
+    assert_eq!(
+        relayed, 2,
+        "each session says which engine it uses:\n{text}"
+    );
+}

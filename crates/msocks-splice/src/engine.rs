@@ -1,0 +1,46 @@
+//! The engine as a service for the proxy: load and attach once, then
+//! splice sessions from async code.
+
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::loader::{default_interfaces, Datapath};
+use crate::splice::{splice, Refused, SharedDatapath, Spliced};
+use crate::Error;
+
+/// The loaded, attached datapath of one proxy process.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    datapath: SharedDatapath,
+}
+
+impl Engine {
+    /// Loads the datapath and attaches it to `interfaces`, or to every
+    /// non-loopback interface when the list is empty. Fails without
+    /// privilege (`CAP_BPF` + `CAP_NET_ADMIN`) or without BPF support.
+    pub fn start(interfaces: &[String]) -> Result<Engine, Error> {
+        let names = if interfaces.is_empty() {
+            default_interfaces()?
+        } else {
+            interfaces.to_vec()
+        };
+        let mut dp = Datapath::load()?;
+        for name in &names {
+            dp.attach(name)?;
+        }
+        Ok(Engine {
+            datapath: Arc::new(Mutex::new(dp)),
+        })
+    }
+
+    /// Splices two connected sockets (blocking; see [`crate::splice()`]).
+    pub fn splice(
+        &self,
+        client: TcpStream,
+        server: TcpStream,
+        drain_timeout: Duration,
+    ) -> Result<Spliced, Box<Refused>> {
+        splice(&self.datapath, client, server, drain_timeout)
+    }
+}
