@@ -242,6 +242,20 @@ pub fn measure(
     Ok((result, window))
 }
 
+/// Runs one measurement, and once more if it fails (a VM stall or a peer that hiccupped
+/// must not throw away a whole run); a second failure is reported and skipped, so the table
+/// shows fewer repetitions instead of the run ending.
+pub fn attempt<T>(what: &str, mut f: impl FnMut() -> Result<T>) -> Option<T> {
+    for round in 1..=2 {
+        match f() {
+            Ok(v) => return Some(v),
+            Err(e) => eprintln!("  {what}: attempt {round} failed: {e:#}"),
+        }
+    }
+    eprintln!("  {what}: skipped");
+    None
+}
+
 /// The median of `values` (NaN for none).
 pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
     let mut v: Vec<f64> = values.into_iter().collect();

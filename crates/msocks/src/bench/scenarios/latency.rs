@@ -8,7 +8,7 @@ use anyhow::Result;
 
 use crate::bench::peers::{self, Peer};
 use crate::bench::worker::{load_args, Mode};
-use crate::bench::{measure, Ctx};
+use crate::bench::{attempt, measure, Ctx};
 
 /// One run of round trips.
 #[derive(Debug, Clone)]
@@ -51,17 +51,21 @@ pub fn run(ctx: &Ctx<'_>, peers: &[Peer]) -> Result<Vec<Row>> {
         .collect();
     for rep in 0..s.reps {
         for row in rows.iter_mut() {
-            let proc_ = peers::start(ctx.tb, row.peer)?;
-            let args = load_args(
-                Mode::Pingpong,
-                proc_.via(),
-                ctx.echo,
-                1,
-                Duration::from_millis(200),
-                Duration::ZERO,
-                s.rounds,
-            );
-            let (result, window) = measure(ctx, &proc_, &args, Duration::from_secs(120))?;
+            let Some((result, window)) = attempt(row.peer.name(), || {
+                let proc_ = peers::start(ctx.tb, row.peer)?;
+                let args = load_args(
+                    Mode::Pingpong,
+                    proc_.via(),
+                    ctx.echo,
+                    1,
+                    Duration::from_millis(200),
+                    Duration::ZERO,
+                    s.rounds,
+                );
+                measure(ctx, &proc_, &args, Duration::from_secs(120))
+            }) else {
+                continue;
+            };
             let num = |k: &str| {
                 result
                     .get(k)

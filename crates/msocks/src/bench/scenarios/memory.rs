@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::bench::peers::{self, Peer};
 use crate::bench::procstat;
 use crate::bench::worker::{load_args, Mode, WorkerProc};
-use crate::bench::Ctx;
+use crate::bench::{attempt, Ctx};
 
 /// One measurement.
 #[derive(Debug, Clone, Copy)]
@@ -53,29 +53,34 @@ pub fn run(ctx: &Ctx<'_>, peers: &[Peer]) -> Result<Vec<Row>> {
         .collect();
     for rep in 0..s.reps {
         for row in rows.iter_mut() {
-            let proc_ = peers::start(ctx.tb, row.peer)?;
-            let Some(pid) = proc_.pid() else { continue };
-            // Let a forking peer finish starting its workers before the baseline.
-            std::thread::sleep(Duration::from_millis(300));
-            let baseline = procstat::tree_pss_bytes(pid);
-            let args = load_args(
-                Mode::Idle,
-                proc_.via(),
-                ctx.echo,
-                s.idle_sessions,
-                Duration::ZERO,
-                Duration::ZERO,
-                0,
-            );
-            let mut w = WorkerProc::start(&ctx.tb.mn, &args)?;
-            w.expect("READY", Duration::from_secs(120))?;
-            // Sessions are established once the replies arrived; give the proxy a moment to
-            // settle whatever it does after replying.
-            std::thread::sleep(Duration::from_millis(300));
-            let loaded = procstat::tree_pss_bytes(pid);
-            let processes = procstat::tree(pid).len();
-            w.poke()?;
-            let _ = w.result(Duration::from_secs(30));
+            let Some((baseline, loaded, processes)) = attempt(row.peer.name(), || {
+                let proc_ = peers::start(ctx.tb, row.peer)?;
+                let pid = proc_.pid().context("a proxy peer has a process")?;
+                // Let a forking peer finish starting its workers before the baseline.
+                std::thread::sleep(Duration::from_millis(300));
+                let baseline = procstat::tree_pss_bytes(pid);
+                let args = load_args(
+                    Mode::Idle,
+                    proc_.via(),
+                    ctx.echo,
+                    s.idle_sessions,
+                    Duration::ZERO,
+                    Duration::ZERO,
+                    0,
+                );
+                let mut w = WorkerProc::start(&ctx.tb.mn, &args)?;
+                w.expect("READY", Duration::from_secs(120))?;
+                // Sessions are established once the replies arrived; give the proxy a moment
+                // to settle whatever it does after replying.
+                std::thread::sleep(Duration::from_millis(300));
+                let loaded = procstat::tree_pss_bytes(pid);
+                let processes = procstat::tree(pid).len();
+                w.poke()?;
+                let _ = w.result(Duration::from_secs(30));
+                Ok((baseline, loaded, processes))
+            }) else {
+                continue;
+            };
             let run = Run {
                 baseline,
                 loaded,

@@ -8,7 +8,7 @@ use anyhow::Result;
 
 use crate::bench::peers::{self, Peer};
 use crate::bench::worker::{load_args, Mode};
-use crate::bench::{measure, Ctx, Window};
+use crate::bench::{attempt, measure, Ctx, Window};
 
 /// One measured window.
 #[derive(Debug, Clone, Copy)]
@@ -49,17 +49,21 @@ pub fn run(ctx: &Ctx<'_>, peers: &[Peer]) -> Result<Vec<Row>> {
         .collect();
     for rep in 0..s.reps {
         for row in rows.iter_mut() {
-            let proc_ = peers::start(ctx.tb, row.peer)?;
-            let args = load_args(
-                Mode::Setup,
-                proc_.via(),
-                ctx.echo,
-                s.setup_concurrency,
-                s.warmup,
-                s.window,
-                0,
-            );
-            let (result, window) = measure(ctx, &proc_, &args, Duration::from_secs(60))?;
+            let Some((result, window)) = attempt(row.peer.name(), || {
+                let proc_ = peers::start(ctx.tb, row.peer)?;
+                let args = load_args(
+                    Mode::Setup,
+                    proc_.via(),
+                    ctx.echo,
+                    s.setup_concurrency,
+                    s.warmup,
+                    s.window,
+                    0,
+                );
+                measure(ctx, &proc_, &args, Duration::from_secs(60))
+            }) else {
+                continue;
+            };
             let get = |k: &str| {
                 result
                     .get(k)

@@ -8,7 +8,7 @@ use anyhow::Result;
 
 use crate::bench::peers::{self, Peer};
 use crate::bench::worker::{load_args, Mode};
-use crate::bench::{measure, Ctx, Window};
+use crate::bench::{attempt, measure, Ctx, Window};
 
 /// One measured window.
 #[derive(Debug, Clone, Copy)]
@@ -56,17 +56,22 @@ pub fn run(ctx: &Ctx<'_>, peers: &[Peer]) -> Result<Vec<Row>> {
     }
     for rep in 0..s.reps {
         for row in rows.iter_mut() {
-            let proc_ = peers::start(ctx.tb, row.peer)?;
-            let args = load_args(
-                Mode::Bulk,
-                proc_.via(),
-                ctx.discard,
-                row.conns,
-                s.warmup,
-                s.window,
-                0,
-            );
-            let (result, window) = measure(ctx, &proc_, &args, Duration::from_secs(60))?;
+            let what = format!("{} with {} connections", row.peer.name(), row.conns);
+            let Some((result, window)) = attempt(&what, || {
+                let proc_ = peers::start(ctx.tb, row.peer)?;
+                let args = load_args(
+                    Mode::Bulk,
+                    proc_.via(),
+                    ctx.discard,
+                    row.conns,
+                    s.warmup,
+                    s.window,
+                    0,
+                );
+                measure(ctx, &proc_, &args, Duration::from_secs(60))
+            }) else {
+                continue;
+            };
             let bytes = result
                 .get("bytes")
                 .and_then(serde_json::Value::as_u64)
