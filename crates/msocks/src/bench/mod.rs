@@ -272,14 +272,14 @@ pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
 }
 
 /// Namespace sysctls that let the set-up scenario open tens of thousands of short
-/// connections: a wide port range and reuse of TIME_WAIT ports for new outgoing connections.
+/// connections: a wide port range (above the peers' listening ports) and reuse of TIME_WAIT ports for new outgoing connections.
 fn tune(tb: &Testbed) -> Result<()> {
     for ns in [&tb.mn, &tb.px, &tb.sv] {
         ns.exec(&[
             "sysctl",
             "-q",
             "-w",
-            "net.ipv4.ip_local_port_range=1024 65000",
+            "net.ipv4.ip_local_port_range=10000 65000",
             "net.ipv4.tcp_tw_reuse=1",
             "net.core.somaxconn=4096",
             "net.ipv4.tcp_max_syn_backlog=4096",

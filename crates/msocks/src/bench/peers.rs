@@ -190,7 +190,9 @@ impl Drop for PeerProc {
 
 /// A fresh listening port for every start: a restarted peer must not trip over connections
 /// of its predecessor still in TIME_WAIT on the old port (not every peer sets SO_REUSEADDR).
-static NEXT_PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(20_000);
+/// They stay below the ephemeral range the bench sets (10000 and up), where the proxy's own
+/// outgoing connections could hold them.
+static NEXT_PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(2_000);
 
 /// Starts `peer` in the proxy namespace and waits until it accepts connections from the
 /// mobile node. Every start is a fresh process, so no run inherits another's heap.
