@@ -21,8 +21,10 @@ fn start_proxy() -> SocketAddr {
             .build()
             .expect("runtime");
         rt.block_on(async move {
-            let mut config = ProxyConfig::default();
-            config.listen = vec!["127.0.0.1:0".parse().expect("address")];
+            let config = ProxyConfig {
+                listen: vec!["127.0.0.1:0".parse().expect("address")],
+                ..ProxyConfig::default()
+            };
             let proxy = Proxy::bind(config, None).await.expect("proxy binds");
             tx.send(proxy.local_addrs()[0]).expect("send address");
             proxy.run(std::future::pending()).await;

@@ -599,7 +599,7 @@ connect time to the proxy host).\n",
             };
             let _ = writeln!(
                 md,
-                "| {} | {from} | {} | {:.2} RTT ({:.1} ms) ({:.2} RTT) | {:.2} RTT ({:.1} ms) ({:.2} RTT) |",
+                "| {} | {from} | {} | {:.2} RTT ({:.1} ms) ({:.2} RTT) | {:.2} RTT ({:.1} ms) ({:.2} RTT) | {:.0} % |",
                 m.method,
                 moves.len(),
                 drtt,
@@ -607,14 +607,15 @@ connect time to the proxy host).\n",
                 max_d / rtt,
                 urtt,
                 ums,
-                max_u / rtt
+                max_u / rtt,
+                moves.iter().map(|x| x.on_new_link).fold(1.0, f64::min) * 100.0
             );
         }
     }
     let _ = writeln!(
         md,
         "| MSOCKS warm (standby connection) | – | 0 | not measured: the client library's warm move \
-is being added; `bench/scenarios/handoff.rs` has the marked place for its row | |\n"
+is being added; `bench/scenarios/handoff.rs` has the marked place for its row | | |\n"
     );
     let _ = writeln!(
         md,

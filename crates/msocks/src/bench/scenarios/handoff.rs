@@ -68,6 +68,9 @@ pub struct Move {
     pub gap_down: Duration,
     /// Longest gap between record arrivals at the server application.
     pub gap_up: Duration,
+    /// Share of the bytes through the mobile node's two interfaces that used the new link,
+    /// shortly after the move: the check that the stream really moved.
+    pub on_new_link: f64,
 }
 
 /// The moves of one method.
@@ -240,6 +243,7 @@ fn serve(conn: TcpStream, stop: Arc<AtomicBool>, log: Log, epoch: Instant) -> Re
 /// Runs the record streams over `mobile` (whose server end is being served) and makes
 /// `2 * settings.moves` moves, wired → radio and back, with `do_move`.
 async fn moves_over<S, F, Fut>(
+    tb: &Testbed,
     mobile: S,
     settings: &Settings,
     stop: &Arc<AtomicBool>,
@@ -295,22 +299,25 @@ where
             .with_context(|| format!("move {} to {to:?}", i + 1))?;
         let wait = settle(to);
         tokio::time::sleep(wait).await;
+        let on_new_link = share_on(tb, to).await?;
         let gap_down = longest_gap(&client_log, requested, wait)
             .context("no records reached the mobile node")?;
         let gap_up =
             longest_gap(server_log, requested, wait).context("no records reached the server")?;
         eprintln!(
-            "  move {:>2} {:?} -> {:?}: longest gap down {:6.1} ms, up {:6.1} ms",
+            "  move {:>2} {:?} -> {:?}: longest gap down {:6.1} ms, up {:6.1} ms; {:3.0} % of the bytes then on the new link",
             i + 1,
             on,
             to,
             gap_down.as_secs_f64() * 1e3,
-            gap_up.as_secs_f64() * 1e3
+            gap_up.as_secs_f64() * 1e3,
+            on_new_link * 100.0
         );
         out.push(Move {
             to,
             gap_down,
             gap_up,
+            on_new_link,
         });
         on = to;
     }
@@ -320,14 +327,48 @@ where
     Ok(out)
 }
 
-/// Accepts one connection on `listener` and serves it on threads.
+/// The share of the bytes through the mobile node's interfaces (both directions) that went
+/// over `link` during the next 200 ms.
+async fn share_on(tb: &Testbed, link: Link) -> Result<f64> {
+    let sample = || -> Result<[u64; 2]> {
+        let mut out = [0u64; 2];
+        for (i, l) in Link::ALL.iter().enumerate() {
+            let st = tb.mn.link_stats(l.mn_if())?;
+            out[i] = st.rx_bytes + st.tx_bytes;
+        }
+        Ok(out)
+    };
+    let before = sample()?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = sample()?;
+    let delta: Vec<u64> = before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| a.saturating_sub(*b))
+        .collect();
+    let total: u64 = delta.iter().sum();
+    let i = Link::ALL.iter().position(|l| *l == link).unwrap_or(0);
+    Ok(if total == 0 {
+        0.0
+    } else {
+        delta[i] as f64 / total as f64
+    })
+}
+
+/// Accepts one connection on `listener` and serves it on threads. The listener stays open
+/// until `stop`: MPTCP's additional subflows (MP_JOIN) are accepted through it, and would be
+/// reset once it is closed.
 fn accept_and_serve(listener: TcpListener, stop: Arc<AtomicBool>, log: Log) -> Result<()> {
     std::thread::Builder::new()
         .name("handoff accept".into())
         .spawn(move || {
             if let Ok((conn, _)) = listener.accept() {
-                let _ = serve(conn, stop, log, Instant::now());
+                let _ = serve(conn, stop.clone(), log, Instant::now());
             }
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            drop(listener);
         })?;
     Ok(())
 }
@@ -370,7 +411,7 @@ fn msocks_moves(
                 .await
                 .context("opening the mobile stream")?;
         let control = stream.control();
-        moves_over(stream, settings, &stop, &server_log, settle, |to| {
+        moves_over(tb, stream, settings, &stop, &server_log, settle, |to| {
             let control = control.clone();
             let p = path(to);
             async move { msocks_move(&control, how, p).await }
@@ -517,25 +558,34 @@ fn mptcp_moves(
         }
         std_stream.set_nonblocking(true)?;
         let stream = tokio::net::TcpStream::from_std(std_stream)?;
-        moves_over(stream, settings, &stop, &server_log, settle, |to| {
+        moves_over(tb, stream, settings, &stop, &server_log, settle, |to| {
             let from = if to == Link::Wired {
                 Link::Radio
             } else {
                 Link::Wired
             };
             let ns = mn_name.clone();
+            let addr_of = |l: Link| {
+                if l == Link::Wired {
+                    wired.clone()
+                } else {
+                    radio.clone()
+                }
+            };
+            let (to_addr, from_addr) = (addr_of(to), addr_of(from));
             async move {
                 // The new link becomes active first, then the old one backup: never are
                 // both backup. `ip` is run off the event loop, so the record streams go on.
+                // The endpoint is named by address, not by id: looked up by id, the change
+                // reached no subflow on this kernel (checked with the byte counters).
                 tokio::task::spawn_blocking(move || -> Result<()> {
-                    for (id, flag) in [(endpoint_id(to), "nobackup"), (endpoint_id(from), "backup")]
-                    {
+                    for (addr, flag) in [(to_addr, "nobackup"), (from_addr, "backup")] {
                         let out = std::process::Command::new("ip")
-                            .args(["-n", &ns, "mptcp", "endpoint", "change", "id", id, flag])
+                            .args(["-n", &ns, "mptcp", "endpoint", "change", &addr, flag])
                             .output()?;
                         ensure!(
                             out.status.success(),
-                            "ip mptcp endpoint change id {id} {flag}: {}",
+                            "ip mptcp endpoint change {addr} {flag}: {}",
                             String::from_utf8_lossy(&out.stderr).trim()
                         );
                     }
