@@ -266,11 +266,12 @@ pub fn start(tb: &Testbed, peer: Peer) -> Result<PeerProc> {
         let name = peer.name();
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
-                // dante logs every worker's start and exit at info level; keep its warnings
-                // and errors, not the chatter of being stopped.
+                // dante logs every worker's start and exit at info level, microsocks every
+                // client it connects; keep warnings and errors, not that chatter.
                 if line.contains("info:")
                     || line.contains("sigchld()")
                     || line.contains("shutting down")
+                    || line.contains(": connected to ")
                 {
                     continue;
                 }

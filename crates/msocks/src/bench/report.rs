@@ -26,6 +26,7 @@ pub struct Results {
     peers: Vec<Peer>,
     scenarios: Vec<Scenario>,
     date: String,
+    code: String,
     load_before: String,
     /// Fig. 11 rows.
     pub throughput: Vec<throughput::Row>,
@@ -56,6 +57,8 @@ impl Results {
             peers: peers.to_vec(),
             scenarios: scenarios.to_vec(),
             date: sh("date -u '+%Y-%m-%d %H:%M UTC'"),
+            // Taken at the start: the run itself rewrites the report in the working tree.
+            code: code_version(),
             load_before: std::fs::read_to_string("/proc/loadavg")
                 .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
                 .unwrap_or_default(),
@@ -206,7 +209,7 @@ at the end, which it keeps). Re-run it to check a number on another machine.\n"
     } else {
         "release build"
     };
-    let _ = writeln!(md, "* Code: {}, {build}.", code_version());
+    let _ = writeln!(md, "* Code: {}, {build}.", r.code);
     let _ = writeln!(
         md,
         "* Mode: {}; {} repetitions of every measurement (tables show medians), {} s measuring \
@@ -390,6 +393,32 @@ peer to the discard server; throughput is what the load generator wrote during t
             f(per(|x| x.window.machine_cpu / x.window.seconds), 2),
         );
     }
+    let cpu_ratios: Vec<String> = s_conns(r)
+        .iter()
+        .map(|&n| {
+            let vals: Vec<(Peer, f64)> = r
+                .throughput
+                .iter()
+                .filter(|row| row.conns == n)
+                .map(|row| {
+                    (
+                        row.peer,
+                        median(row.runs.iter().map(throughput::Run::cpu_per_gb)),
+                    )
+                })
+                .collect();
+            let m = vals
+                .iter()
+                .find(|(p, _)| *p == Peer::Msocks)
+                .map_or(f64::NAN, |v| v.1);
+            format!("{n}: {}", ratio(m, best_other(&vals, false)))
+        })
+        .collect();
+    let _ = writeln!(
+        md,
+        "\nmsocks CPU per GB ÷ the lowest of microsocks and dante, by connections: {}.",
+        cpu_ratios.join(", ")
+    );
     let _ = writeln!(
         md,
         "\nOn 2 CPUs the proxy, the load generator, the sink and the kernel's TCP work share two \
@@ -565,9 +594,9 @@ connect time to the proxy host).\n",
     );
     let _ = writeln!(
         md,
-        "| method | move | n | gap down: median (max) | gap up: median (max) |"
+        "| method | move | n | gap down: median (max) | gap up: median (max) | bytes on the new link after the move (least of the moves) |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
     for m in &h.methods {
         if let Some(e) = &m.error {
             let _ = writeln!(
