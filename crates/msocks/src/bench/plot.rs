@@ -59,16 +59,14 @@ fn nice_step(span: f64, n: f64) -> f64 {
     m * mag
 }
 
-fn fmt_tick(v: f64) -> String {
-    if v == 0.0 {
-        "0".into()
-    } else if v.abs() >= 100.0 || v.fract() == 0.0 {
-        format!("{v:.0}")
-    } else if v.abs() >= 1.0 {
-        format!("{v:.1}")
+/// A tick label with as many decimals as the tick step needs (0.5 steps: one decimal).
+fn fmt_tick(v: f64, step: f64) -> String {
+    let decimals = if step > 0.0 && step < 1.0 {
+        (-step.log10()).ceil().max(0.0) as usize
     } else {
-        format!("{v:.2}")
-    }
+        0
+    };
+    format!("{v:.decimals$}")
 }
 
 impl Plot<'_> {
@@ -126,7 +124,7 @@ impl Plot<'_> {
                 r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
                 LEFT - 6.0,
                 yy + 4.0,
-                fmt_tick(y)
+                fmt_tick(y, ystep)
             );
             y += ystep;
         }
@@ -143,6 +141,11 @@ impl Plot<'_> {
                 .map(|i| x0 + i as f64 * step)
                 .collect();
         }
+        let xstep = if self.log_x {
+            1.0
+        } else {
+            nice_step(x1 - x0, 6.0)
+        };
         for x in xticks {
             let xx = px(x);
             let _ = writeln!(
@@ -154,7 +157,7 @@ impl Plot<'_> {
                 s,
                 r#"<text x="{xx:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
                 TOP + ph + 16.0,
-                fmt_tick(x)
+                fmt_tick(x, xstep)
             );
         }
         let _ = writeln!(
