@@ -19,14 +19,22 @@ const MAX_DATAGRAM: usize = 65_535;
 /// Names resolved for datagrams are remembered, a bounded number of them.
 const NAME_CACHE: usize = 256;
 
-async fn recv_opt(
-    sock: &Option<UdpSocket>,
-    buf: &mut [u8],
-) -> std::io::Result<(usize, SocketAddr)> {
+/// Waits until `sock` has a datagram to read; never, when there is no socket.
+async fn readable_opt(sock: &Option<UdpSocket>) -> std::io::Result<()> {
     match sock {
-        Some(s) => s.recv_from(buf).await,
+        Some(s) => s.readable().await,
         None => std::future::pending().await,
     }
+}
+
+/// Reads a datagram now, after readiness was reported, into the association's one receive
+/// buffer, which is allocated with the first datagram: an association nobody sends on holds
+/// no buffer. `None` when there was nothing after all (a spurious wake-up) or the read failed.
+fn try_recv(sock: &UdpSocket, buf: &mut Vec<u8>) -> Option<(usize, SocketAddr)> {
+    if buf.is_empty() {
+        buf.resize(MAX_DATAGRAM, 0);
+    }
+    sock.try_recv_from(buf).ok()
 }
 
 pub(crate) async fn serve_udp(
@@ -108,11 +116,12 @@ pub(crate) async fn serve_udp(
     let mut out4: Option<UdpSocket> = None;
     let mut out6: Option<UdpSocket> = None;
     let mut names: HashMap<String, IpAddr> = HashMap::new();
-    let mut from_client = vec![0u8; MAX_DATAGRAM];
-    let mut from_dest4 = vec![0u8; MAX_DATAGRAM];
-    let mut from_dest6 = vec![0u8; MAX_DATAGRAM];
+    // One receive buffer for the three sockets: the select below waits for readiness only
+    // and reads in the branch that won, so no two reads ever need a buffer at once. Both it
+    // and `packet` are allocated by the first datagram, not up front.
+    let mut buf: Vec<u8> = Vec::new();
     let mut control_buf = [0u8; 64];
-    let mut packet = Vec::with_capacity(MAX_DATAGRAM);
+    let mut packet = Vec::new();
     let idle = shared.config.limits.idle_timeout;
     let idle_sleep = tokio::time::sleep(if idle.is_zero() {
         std::time::Duration::from_secs(1 << 30)
@@ -123,14 +132,16 @@ pub(crate) async fn serve_udp(
 
     loop {
         tokio::select! {
-            r = relay_sock.recv_from(&mut from_client) => {
-                let Ok((n, src)) = r else { continue };
+            r = relay_sock.readable() => {
+                if r.is_err() { continue; }
+                let Some((n, src)) = try_recv(&relay_sock, &mut buf) else { continue };
+                let from_client = &buf[..n];
                 if src.ip() != client_ip || client_port.is_some_and(|p| p != src.port()) {
                     debug!(session = client.id, from = %src, "UDP: datagram from a stranger dropped");
                     continue;
                 }
                 client_port = Some(src.port());
-                let Ok(Some((header, used))) = UdpHeader::decode(&from_client[..n]) else {
+                let Ok(Some((header, used))) = UdpHeader::decode(from_client) else {
                     debug!(session = client.id, "UDP: malformed header dropped");
                     continue;
                 };
@@ -166,15 +177,29 @@ pub(crate) async fn serve_udp(
                     }
                 }
                 if let Some(sock) = slot.as_ref() {
-                    let payload = &from_client[used..n];
+                    let payload = &from_client[used..];
                     if sock.send_to(payload, SocketAddr::new(dest_ip, header.target.port())).await.is_ok() {
                         traffic.up.fetch_add(payload.len() as u64, Ordering::Relaxed);
                     }
                 }
                 idle_sleep.as_mut().reset(tokio::time::Instant::now() + idle);
             }
-            r = recv_opt(&out4, &mut from_dest4) => { if let Ok((n, src)) = r { forward_to_client(&relay_sock, client_ip, client_port, &mut packet, &from_dest4[..n], src, traffic).await; idle_sleep.as_mut().reset(tokio::time::Instant::now() + idle); } }
-            r = recv_opt(&out6, &mut from_dest6) => { if let Ok((n, src)) = r { forward_to_client(&relay_sock, client_ip, client_port, &mut packet, &from_dest6[..n], src, traffic).await; idle_sleep.as_mut().reset(tokio::time::Instant::now() + idle); } }
+            r = readable_opt(&out4) => {
+                if let (Ok(()), Some(sock)) = (r, out4.as_ref()) {
+                    if let Some((n, src)) = try_recv(sock, &mut buf) {
+                        forward_to_client(&relay_sock, client_ip, client_port, &mut packet, &buf[..n], src, traffic).await;
+                        idle_sleep.as_mut().reset(tokio::time::Instant::now() + idle);
+                    }
+                }
+            }
+            r = readable_opt(&out6) => {
+                if let (Ok(()), Some(sock)) = (r, out6.as_ref()) {
+                    if let Some((n, src)) = try_recv(sock, &mut buf) {
+                        forward_to_client(&relay_sock, client_ip, client_port, &mut packet, &buf[..n], src, traffic).await;
+                        idle_sleep.as_mut().reset(tokio::time::Instant::now() + idle);
+                    }
+                }
+            }
             r = control.read(&mut control_buf) => match r {
                 Ok(0) => return Outcome::Ended("client closed the control connection".into()),
                 Err(e) => return Outcome::Ended(format!("control connection error: {e}")),

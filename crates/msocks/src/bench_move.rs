@@ -26,7 +26,7 @@
 //! that link (one SYN/SYN-ACK exchange), before and after the moves.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use msocks_client::{MobileConfig, MobileStream, MoveReport, ProxyPath, Standby};
-use msocks_testbed::{Link, LinkDelay, Netns, Testbed};
+use msocks_testbed::{Link, LinkDelay, Testbed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Options of `msocks bench-move`.
@@ -69,66 +69,12 @@ pub struct BenchMoveArgs {
     pub warm: bool,
 }
 
+use crate::bench::records::{make_record, Arrivals, RECORD};
+use crate::bench::rtt::{measure_rtt, start_probe_listener, PROBE_PORT};
 use crate::testbed_proxy::PROXY_PORT;
 const SERVER_PORT: u16 = 9000;
-/// Port of the RTT probe listeners on the proxy host.
-const PROBE_PORT: u16 = 7;
-/// Bytes per record: sequence number and send time (ns since the run's epoch), both u64 LE.
-const RECORD: usize = 16;
 /// Longest wait for a move's first new-path bytes.
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Arrival log of one receiving side: `(stream offset after the read, time of the read)`,
-/// plus the send stamps of the records parsed so far (index = sequence number).
-#[derive(Default)]
-struct Arrivals {
-    reads: Vec<(u64, Instant)>,
-    stamps: Vec<u64>,
-    /// First sequence error, if the records did not arrive exactly once and in order.
-    error: Option<String>,
-}
-
-impl Arrivals {
-    /// Logs a read of `data` at `at` and parses the records it completes.
-    fn record(&mut self, pending: &mut Vec<u8>, data: &[u8], at: Instant) {
-        let end = self.reads.last().map_or(0, |r| r.0) + data.len() as u64;
-        self.reads.push((end, at));
-        pending.extend_from_slice(data);
-        let whole = pending.len() / RECORD * RECORD;
-        for rec in pending[..whole].chunks_exact(RECORD) {
-            let (seq, stamp) = parse_record(rec);
-            if seq != self.stamps.len() as u64 && self.error.is_none() {
-                self.error = Some(format!(
-                    "record {seq} arrived where {} was due",
-                    self.stamps.len()
-                ));
-            }
-            self.stamps.push(stamp);
-        }
-        pending.drain(..whole);
-    }
-
-    /// When the byte at stream offset `offset` was read, if it has been.
-    fn arrival_of(&self, offset: u64) -> Option<Instant> {
-        let i = self.reads.partition_point(|r| r.0 <= offset);
-        self.reads.get(i).map(|r| r.1)
-    }
-}
-
-fn parse_record(rec: &[u8]) -> (u64, u64) {
-    let mut seq = [0u8; 8];
-    let mut stamp = [0u8; 8];
-    seq.copy_from_slice(&rec[..8]);
-    stamp.copy_from_slice(&rec[8..RECORD]);
-    (u64::from_le_bytes(seq), u64::from_le_bytes(stamp))
-}
-
-fn make_record(seq: u64, epoch: Instant) -> [u8; RECORD] {
-    let mut rec = [0u8; RECORD];
-    rec[..8].copy_from_slice(&seq.to_le_bytes());
-    rec[8..].copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_le_bytes());
-    rec
-}
 
 /// One measured move.
 #[derive(Debug, Clone)]
@@ -250,42 +196,6 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
-}
-
-/// A listener in `ns` that accepts and closes connections until the process ends.
-fn start_probe_listener(ns: &Netns, addr: SocketAddr) -> Result<()> {
-    let listener = ns
-        .run_in(|| TcpListener::bind(addr))?
-        .with_context(|| format!("binding the RTT probe listener on {addr}"))?;
-    std::thread::Builder::new()
-        .name("rtt probe".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                drop(conn);
-            }
-        })
-        .context("starting the RTT probe listener")?;
-    Ok(())
-}
-
-/// TCP connect times from the mobile node over `link` to the proxy host: one SYN/SYN-ACK
-/// round trip of the link each. The proxy's address on the link is on a subnet directly
-/// connected to the mobile node's interface there, so routing picks that link.
-fn measure_rtt(tb: &Testbed, link: Link, samples: u32) -> Result<Vec<Duration>> {
-    let to = SocketAddr::new(tb.px_ip(link).into(), PROBE_PORT);
-    tb.mn.run_in(|| -> Result<Vec<Duration>> {
-        let mut times = Vec::new();
-        for _ in 0..samples {
-            let start = Instant::now();
-            let conn = TcpStream::connect_timeout(&to, Duration::from_secs(5))
-                .with_context(|| format!("RTT probe to {to}"))?;
-            times.push(start.elapsed());
-            drop(conn);
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        times.sort();
-        Ok(times)
-    })?
 }
 
 /// The server: accepts one connection, sends a record every `interval` until `stop`, and

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 mod agent_cli;
+mod bench;
 mod bench_move;
 mod demo;
 mod run;
@@ -93,6 +94,23 @@ the same run. Prints a Markdown table (median / max per direction). Needs root."
         after_help = "Example: sudo msocks bench-move --moves 20 --wired-rtt 10ms --radio-rtt 60ms"
     )]
     BenchMove(bench_move::BenchMoveArgs),
+    /// Run the benchmark suite against microsocks, dante and IP forwarding (root, Linux).
+    #[command(
+        long_about = "Build the namespace testbed, start the peers in it (msocks proxy, microsocks, \
+dante's danted, installing the last two with apt-get if missing, and plain IP forwarding as the \
+floor), and measure each: aggregate throughput vs simultaneous connections (1 to 1024), proxy \
+CPU seconds per GB, 1-byte request/response latency (mean, median, p99), memory per idle \
+session, session set-up rate, and the longest gap in a record stream across a move (MSOCKS \
+cold move vs Linux MPTCP with a backup subflow, on links with emulated delay). The load \
+generator and the sink are separate processes whose CPU use is reported beside the proxy's. \
+Writes a Markdown report with SVG plots (default docs/BENCHMARKS.md and docs/bench/*.svg). \
+--quick takes a few minutes; a full run up to 30 minutes on 2 cores. Needs root.",
+        after_help = "Examples:\n  sudo msocks bench --quick\n  sudo msocks bench --scenarios throughput,latency --peers msocks,dante --out /tmp/b.md"
+    )]
+    Bench(bench::BenchArgs),
+    /// Internal: a load generator or sink process of `msocks bench`.
+    #[command(hide = true)]
+    BenchWorker(bench::worker::WorkerArgs),
     /// Run the mobile-node agent: a local SOCKS5 endpoint whose streams follow the links.
     #[command(long_about = agent_cli::AGENT_LONG_ABOUT, after_help = agent_cli::AGENT_AFTER_HELP)]
     Agent(agent_cli::AgentArgs),
@@ -144,6 +162,8 @@ fn main() -> ExitCode {
         Command::Passwd { username } => passwd(&username),
         Command::Demo(args) => run_demo(&args),
         Command::BenchMove(args) => bench_move::run(&args),
+        Command::Bench(args) => bench::run(&args),
+        Command::BenchWorker(args) => bench::worker::run(&args),
         Command::Agent(args) => agent_cli::run_agent(args),
         Command::Status(args) => agent_cli::run_status(&args),
         Command::Move(args) => agent_cli::run_move(&args),
