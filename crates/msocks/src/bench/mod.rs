@@ -1,5 +1,6 @@
 //! `msocks bench`: the benchmark suite (issue 6). It builds the namespace testbed, starts the
-//! peers itself (msocks, microsocks, dante, and IP forwarding as the floor), runs every
+//! peers itself (msocks with its relay and kernel engines, microsocks, dante, and IP
+//! forwarding as the floor), runs every
 //! scenario for each with a separate load-generator process on the mobile node and a sink on
 //! the server, and writes a Markdown report with SVG plots made here.
 //!
@@ -46,10 +47,11 @@ pub struct BenchArgs {
         value_name = "LIST"
     )]
     pub scenarios: String,
-    /// Peers to compare, comma-separated: ip-forward, msocks, microsocks, dante.
+    /// Peers to compare, comma-separated: ip-forward, msocks (relay engine), msocks-kernel
+    /// (the eBPF TCP Splice engine, `[engine] kind = "kernel"`), microsocks, dante.
     #[arg(
         long,
-        default_value = "ip-forward,msocks,microsocks,dante",
+        default_value = "ip-forward,msocks,msocks-kernel,microsocks,dante",
         value_name = "LIST"
     )]
     pub peers: String,

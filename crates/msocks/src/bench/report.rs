@@ -230,9 +230,11 @@ noise is visible.",
     let _ = writeln!(
         md,
         "* Peers: {}. Each measurement starts the peer afresh in the proxy namespace: `msocks \
-proxy --log-level warn` (plain SOCKS5 sessions, the `relay` engine), `microsocks`, `danted -N 2` \
-(Debian's dante-server, no logging rules), or no proxy at all (`ip-forward`: the mobile node \
-connects to the server and the proxy host routes: the floor).\n",
+proxy --log-level warn` (plain SOCKS5 sessions, the `relay` engine; `msocks-kernel`: the same \
+with `[engine] kind = \"kernel\"`, the eBPF TCP Splice of docs/KERNEL-SPLICE.md, which after \
+the SOCKS exchange forwards each session's segments at tc ingress without the proxy process), \
+`microsocks`, `danted -N 2` (Debian's dante-server, no logging rules), or no proxy at all \
+(`ip-forward`: the mobile node connects to the server and the proxy host routes: the floor).\n",
         r.peers
             .iter()
             .map(|p| p.name())
@@ -498,6 +500,15 @@ generator). \"Added\" is the median round trip minus that of IP forwarding in th
             series,
         },
     )?;
+    let _ = writeln!(
+        md,
+        "Note: a spliced segment (`msocks-kernel`) is rewritten and redirected at tc ingress of \
+the proxy host's interface, so it skips the proxy host's IP stack (routing, netfilter) that a \
+forwarded packet crosses; it can therefore be faster than the `ip-forward` floor. The splice \
+crate's own ping-pong test (`crates/msocks-splice/tests/latency.rs`, run by hand as root) \
+measures a spliced and a routed connection side by side on a bare testbed, without this \
+suite's load generator and sink.\n"
+    );
     let _ = writeln!(md, "\n![round-trip percentiles]({})\n", rel(fig_dir, &fig));
     Ok(())
 }

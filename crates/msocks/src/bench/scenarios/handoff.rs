@@ -402,11 +402,16 @@ fn msocks_moves(
     settle: &(dyn Fn(Link) -> Duration + Sync),
 ) -> Result<Vec<Move>> {
     eprintln!("  MSOCKS ({how:?}):");
+    // One port per method: the previous method's listener may still be closing.
+    let server_port = match how {
+        MsocksMove::Cold => MSOCKS_SERVER_PORT,
+        MsocksMove::Warm => MSOCKS_SERVER_PORT + 1,
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let server_log: Log = Arc::default();
     let listener = tb
         .sv
-        .run_in(|| TcpListener::bind(SocketAddr::from((tb.sv_ip, MSOCKS_SERVER_PORT))))?
+        .run_in(|| TcpListener::bind(SocketAddr::from((tb.sv_ip, server_port))))?
         .context("binding the server")?;
     accept_and_serve(listener, stop.clone(), server_log.clone())?;
     let path = |link: Link| {
@@ -415,10 +420,9 @@ fn msocks_moves(
     };
     let result = in_mn(tb, async {
         let config = MobileConfig::with_paths(vec![path(Link::Wired), path(Link::Radio)]);
-        let stream =
-            MobileStream::connect(SocketAddr::from((tb.sv_ip, MSOCKS_SERVER_PORT)), config)
-                .await
-                .context("opening the mobile stream")?;
+        let stream = MobileStream::connect(SocketAddr::from((tb.sv_ip, server_port)), config)
+            .await
+            .context("opening the mobile stream")?;
         let control = stream.control();
         moves_over(tb, stream, settings, &stop, &server_log, settle, |to| {
             let control = control.clone();
