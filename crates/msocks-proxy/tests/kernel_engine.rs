@@ -13,17 +13,19 @@
 #[path = "../../msocks-splice/tests/evidence/mod.rs"]
 mod evidence;
 
+mod support;
+
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
 use msocks_proxy::config::{EngineConfig, EngineKind};
-use msocks_proxy::{Proxy, ProxyConfig};
+use msocks_proxy::ProxyConfig;
 use msocks_testbed::{Link, Netns, Testbed, SV_IF_ON_PX};
 use sha2::{Digest, Sha256};
+use support::{LogBuffer, ProxyInNamespace};
 
 const BULK: u64 = 16 << 20;
 const SERVER_WAITS_FOR: u64 = 1 << 20;
@@ -70,22 +72,6 @@ fn recv(mut s: &TcpStream, mut h: Sha256, mut total: u64) -> (u64, Vec<u8>) {
 }
 
 struct Capture(Child, Option<thread::JoinHandle<Vec<u8>>>);
-
-#[derive(Clone)]
-struct LogBuffer(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogBuffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 impl Capture {
     fn start(ns: &Netns, iface: &str, path: &std::path::Path) -> Capture {
@@ -174,16 +160,7 @@ fn kernel_engine_splices_a_connect_session() {
         return;
     }
     // The proxy's log says which engine each session used.
-    use tracing_subscriber::util::SubscriberInitExt as _;
-    let logs = LogBuffer(Arc::new(Mutex::new(Vec::new())));
-    let writer = logs.clone();
-    tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_max_level(tracing_subscriber::filter::LevelFilter::INFO)
-        .with_writer(move || writer.clone())
-        .finish()
-        .try_init()
-        .expect("no other global subscriber in this test binary");
+    let logs = LogBuffer::capture();
     let tb = Testbed::mobile_proxy_server().expect("testbed");
     let dir = std::env::temp_dir().join(format!("msocks-kernel-engine-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
@@ -196,40 +173,15 @@ fn kernel_engine_splices_a_connect_session() {
     let sv_addr = SocketAddr::new(tb.sv_ip.into(), 7001);
 
     // The proxy, on its own runtime in px, until `stop` fires.
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (bound_tx, bound_rx) = std::sync::mpsc::channel::<()>();
-    let proxy = tb
-        .px
-        .run_in(move || {
-            thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
-                rt.block_on(async move {
-                    let config = ProxyConfig {
-                        listen: vec![px_addr],
-                        engine: EngineConfig {
-                            kind: EngineKind::Kernel,
-                            ..EngineConfig::default()
-                        },
-                        ..ProxyConfig::default()
-                    };
-                    let proxy = Proxy::bind(config, None).await.expect("proxy bind");
-                    let _ = bound_tx.send(());
-                    proxy
-                        .run(async move {
-                            let _ = stop_rx.await;
-                        })
-                        .await;
-                });
-            })
-        })
-        .expect("setns px");
-    bound_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the proxy started");
+    let config = ProxyConfig {
+        listen: vec![px_addr],
+        engine: EngineConfig {
+            kind: EngineKind::Kernel,
+            ..EngineConfig::default()
+        },
+        ..ProxyConfig::default()
+    };
+    let proxy = ProxyInNamespace::start(&tb.px, config);
 
     let server = tb
         .sv
@@ -287,16 +239,14 @@ fn kernel_engine_splices_a_connect_session() {
     let (s_n, s_got, s_sent) = server.join().expect("server");
     // Give the proxy time to see both FINs acknowledged and tear down.
     thread::sleep(Duration::from_secs(3));
-    let _ = stop_tx.send(());
-    proxy.join().expect("proxy thread");
+    proxy.stop();
     let dropped = cap_a.stop().saturating_add(cap_b.stop());
 
     assert_eq!((c_n, s_n), (BULK, BULK), "bytes received by client, server");
     assert_eq!(c_got, s_sent, "client's SHA-256");
     assert_eq!(s_got, c_sent, "server's SHA-256");
 
-    let text =
-        String::from_utf8_lossy(&logs.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    let text = logs.text();
     assert!(
         text.lines()
             .any(|l| l.contains("engine: spliced") && l.contains("kernel")),

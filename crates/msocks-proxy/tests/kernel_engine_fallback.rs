@@ -9,31 +9,17 @@
 
 #![cfg(target_os = "linux")]
 
+mod support;
+
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
 use msocks_proxy::config::{EngineConfig, EngineKind};
-use msocks_proxy::{Proxy, ProxyConfig};
+use msocks_proxy::ProxyConfig;
 use msocks_testbed::Testbed;
-
-#[derive(Clone)]
-struct LogBuffer(Arc<Mutex<Vec<u8>>>);
-
-impl io::Write for LogBuffer {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
+use support::{LogBuffer, ProxyInNamespace};
 
 fn socks_connect(px: SocketAddr, sv: SocketAddr) -> TcpStream {
     let s = TcpStream::connect(px).expect("connect proxy");
@@ -60,56 +46,22 @@ fn an_engine_that_cannot_load_leaves_sessions_on_the_relay() {
     if !msocks_testbed::require_root("an_engine_that_cannot_load_leaves_sessions_on_the_relay") {
         return;
     }
-    use tracing_subscriber::util::SubscriberInitExt as _;
-    let logs = LogBuffer(Arc::new(Mutex::new(Vec::new())));
-    let writer = logs.clone();
-    tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_max_level(tracing_subscriber::filter::LevelFilter::INFO)
-        .with_writer(move || writer.clone())
-        .finish()
-        .try_init()
-        .expect("no other global subscriber in this test binary");
+    let logs = LogBuffer::capture();
 
     let tb = Testbed::mobile_proxy_server().expect("testbed");
     let px_addr = SocketAddr::new(tb.px_wired_ip.into(), 1080);
     let sv_addr = SocketAddr::new(tb.sv_ip.into(), 7002);
 
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (bound_tx, bound_rx) = std::sync::mpsc::channel::<()>();
-    let proxy = tb
-        .px
-        .run_in(move || {
-            thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
-                rt.block_on(async move {
-                    let config = ProxyConfig {
-                        listen: vec![px_addr],
-                        engine: EngineConfig {
-                            kind: EngineKind::Kernel,
-                            interfaces: vec!["nosuchif0".to_owned()],
-                            ..EngineConfig::default()
-                        },
-                        ..ProxyConfig::default()
-                    };
-                    let proxy = Proxy::bind(config, None).await.expect("proxy bind");
-                    let _ = bound_tx.send(());
-                    proxy
-                        .run(async move {
-                            let _ = stop_rx.await;
-                        })
-                        .await;
-                });
-            })
-        })
-        .expect("setns px");
-    bound_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the proxy started");
+    let config = ProxyConfig {
+        listen: vec![px_addr],
+        engine: EngineConfig {
+            kind: EngineKind::Kernel,
+            interfaces: vec!["nosuchif0".to_owned()],
+            ..EngineConfig::default()
+        },
+        ..ProxyConfig::default()
+    };
+    let proxy = ProxyInNamespace::start(&tb.px, config);
 
     let echo = tb
         .sv
@@ -136,12 +88,10 @@ fn an_engine_that_cannot_load_leaves_sessions_on_the_relay() {
             })
             .expect("setns mn");
     }
-    let _ = stop_tx.send(());
-    proxy.join().expect("proxy");
+    proxy.stop();
     echo.join().expect("echo");
 
-    let text =
-        String::from_utf8_lossy(&logs.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    let text = logs.text();
     let unavailable = text
         .lines()
         .filter(|l| l.contains("kernel splice engine unavailable"))

@@ -111,6 +111,19 @@ async fn reconnect(
     data_written: u64,
     user: Option<(&str, &str)>,
 ) -> (TcpStream, Reply) {
+    send_reconnect(proxy, id, data_read, data_written, user, None).await
+}
+
+/// Greets the session's home and sends RECONNECT, with an early resend (RESEND_FROM and the
+/// bytes that follow it in the same write) when `early` is given; returns the reply.
+async fn send_reconnect(
+    proxy: SocketAddr,
+    id: &ConnectionId,
+    data_read: u64,
+    data_written: u64,
+    user: Option<(&str, &str)>,
+    early: Option<(u64, &[u8])>,
+) -> (TcpStream, Reply) {
     let mut s = greet(SocketAddr::new(proxy.ip(), id.home.port()), user).await;
     let mut out = Vec::new();
     // Inline counting, as the msocks library does (urgent bytes are counted in data_read).
@@ -119,9 +132,12 @@ async fn reconnect(
         token: id.token,
         data_read,
         data_written,
-        resend_from: None,
+        resend_from: early.map(|(from, _)| from),
     })
     .encode(&mut out);
+    if let Some((_, bytes)) = early {
+        out.extend_from_slice(bytes);
+    }
     s.write_all(&out).await.unwrap();
     let r = read_reply(&mut s, ReplyContext::Reconnect).await;
     (s, r)
@@ -869,20 +885,15 @@ async fn reconnect_early(
     resend_from: u64,
     early: &[u8],
 ) -> (TcpStream, Reply) {
-    let mut s = greet(SocketAddr::new(proxy.ip(), id.home.port()), None).await;
-    let mut out = Vec::new();
-    Request::Reconnect(ReconnectRequest {
-        oob_inline: true,
-        token: id.token,
+    send_reconnect(
+        proxy,
+        id,
         data_read,
         data_written,
-        resend_from: Some(resend_from),
-    })
-    .encode(&mut out);
-    out.extend_from_slice(early);
-    s.write_all(&out).await.unwrap();
-    let r = read_reply(&mut s, ReplyContext::Reconnect).await;
-    (s, r)
+        None,
+        Some((resend_from, early)),
+    )
+    .await
 }
 
 #[tokio::test]
