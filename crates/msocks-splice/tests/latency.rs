@@ -8,14 +8,16 @@
 
 #![cfg(target_os = "linux")]
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use msocks_splice::{splice, Datapath, Status};
-use msocks_testbed::{Link, Testbed, SV_IF_ON_PX};
+use msocks_splice::{splice, Hook, Status};
+use msocks_testbed::Testbed;
 
 const ROUNDS: usize = 5000;
 
@@ -49,18 +51,7 @@ fn one_byte_latency_splice_vs_ip_forwarding() {
         return;
     }
     let tb = Testbed::mobile_proxy_server().expect("testbed");
-    let dp = tb
-        .px
-        .run_in(|| -> Result<Datapath, msocks_splice::Error> {
-            let mut dp = Datapath::load()?;
-            for iface in [Link::Wired.px_if(), Link::Radio.px_if(), SV_IF_ON_PX] {
-                dp.attach(iface)?;
-            }
-            Ok(dp)
-        })
-        .expect("setns")
-        .expect("datapath");
-    let dp = Arc::new(Mutex::new(dp));
+    let dp = common::datapath_on_px(&tb, Hook::Auto);
     let sv_addr = SocketAddr::new(tb.sv_ip.into(), 7101);
     let px_addr = SocketAddr::new(tb.px_wired_ip.into(), 7100);
 
@@ -167,18 +158,7 @@ fn bulk_throughput_splice_vs_ip_forwarding() {
         return;
     }
     let tb = Testbed::mobile_proxy_server().expect("testbed");
-    let dp = tb
-        .px
-        .run_in(|| -> Result<Datapath, msocks_splice::Error> {
-            let mut dp = Datapath::load()?;
-            for iface in [Link::Wired.px_if(), Link::Radio.px_if(), SV_IF_ON_PX] {
-                dp.attach(iface)?;
-            }
-            Ok(dp)
-        })
-        .expect("setns")
-        .expect("datapath");
-    let dp = Arc::new(Mutex::new(dp));
+    let dp = common::datapath_on_px(&tb, Hook::Auto);
     let sv_addr = SocketAddr::new(tb.sv_ip.into(), 7111);
     let px_addr = SocketAddr::new(tb.px_wired_ip.into(), 7110);
     let sink = tb

@@ -13,15 +13,17 @@
 
 #![cfg(target_os = "linux")]
 
+mod common;
+
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use msocks_splice::{splice, Datapath, Status};
-use msocks_testbed::{Link, Testbed, SV_IF_ON_PX};
+use msocks_splice::{splice, Hook, Status};
+use msocks_testbed::{Link, Testbed};
 use sha2::{Digest, Sha256};
 
 const TOTAL: u64 = 16 << 20;
@@ -82,18 +84,7 @@ fn a_hard_handoff_resplices_to_a_new_connection_without_loss() {
         return;
     }
     let tb = Testbed::mobile_proxy_server().expect("testbed");
-    let dp = tb
-        .px
-        .run_in(|| -> Result<Datapath, msocks_splice::Error> {
-            let mut dp = Datapath::load()?;
-            for iface in [Link::Wired.px_if(), Link::Radio.px_if(), SV_IF_ON_PX] {
-                dp.attach(iface)?;
-            }
-            Ok(dp)
-        })
-        .expect("setns")
-        .expect("datapath");
-    let dp = Arc::new(Mutex::new(dp));
+    let dp = common::datapath_on_px(&tb, Hook::Auto);
     let sv_addr = SocketAddr::new(tb.sv_ip.into(), 7401);
     let px_wired = SocketAddr::new(tb.px_wired_ip.into(), 7400);
     let px_radio = SocketAddr::new(tb.px_radio_ip.into(), 7402);

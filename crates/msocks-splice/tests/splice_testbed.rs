@@ -11,6 +11,8 @@
 
 mod evidence;
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -19,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use msocks_splice::{splice, splice_with, Datapath, Hook, Options, Status};
+use msocks_splice::{splice, splice_with, Hook, Options, Status};
 use msocks_testbed::{Link, Netns, Testbed, SV_IF_ON_PX};
 use sha2::{Digest, Sha256};
 
@@ -303,23 +305,14 @@ fn run(v6: bool, when: When) -> Result<(), u64> {
     ));
     std::fs::create_dir_all(&dir).expect("capture dir");
 
-    // Load and attach inside px.
-    let dp = tb
-        .px
-        .run_in(|| -> Result<Datapath, msocks_splice::Error> {
-            let mut dp = Datapath::load()?;
-            // IPv6 runs on the clsact filter, IPv4 on whatever Auto picks
-            // (a TCX link on this kernel), so both hooks are exercised.
-            let hook = if v6 { Hook::Clsact } else { Hook::Auto };
-            for iface in [Link::Wired.px_if(), Link::Radio.px_if(), SV_IF_ON_PX] {
-                dp.attach_with(iface, hook)?;
-            }
-            Ok(dp)
-        })
-        .expect("setns")
-        .expect("loading and attaching the datapath");
-    eprintln!("hooks: {:?}", dp.hooks());
-    let dp = Arc::new(Mutex::new(dp));
+    // Load and attach inside px. IPv6 runs on the clsact filter, IPv4 on whatever Auto
+    // picks (a TCX link on this kernel), so both hooks are exercised.
+    let hook = if v6 { Hook::Clsact } else { Hook::Auto };
+    let dp = common::datapath_on_px(&tb, hook);
+    eprintln!(
+        "hooks: {:?}",
+        dp.lock().unwrap_or_else(|p| p.into_inner()).hooks()
+    );
 
     let cap_a = Capture::start(&tb.px, Link::Wired.px_if(), &dir.join("client-side.pcap"));
     let cap_b = Capture::start(&tb.px, SV_IF_ON_PX, &dir.join("server-side.pcap"));
@@ -575,18 +568,7 @@ fn a_refused_splice_hands_back_working_sockets() {
     }
     const DOWN: u64 = 1 << 20;
     let tb = Testbed::mobile_proxy_server().expect("testbed");
-    let dp = tb
-        .px
-        .run_in(|| -> Result<Datapath, msocks_splice::Error> {
-            let mut dp = Datapath::load()?;
-            for iface in [Link::Wired.px_if(), Link::Radio.px_if(), SV_IF_ON_PX] {
-                dp.attach(iface)?;
-            }
-            Ok(dp)
-        })
-        .expect("setns")
-        .expect("datapath");
-    let dp = Arc::new(Mutex::new(dp));
+    let dp = common::datapath_on_px(&tb, Hook::Auto);
     let sv_addr = SocketAddr::new(tb.sv_ip.into(), 7201);
     let px_addr = SocketAddr::new(tb.px_wired_ip.into(), 7200);
 
@@ -680,18 +662,7 @@ fn a_splice_abandoned_during_the_drain_loses_nothing() {
     }
     const UP: u64 = 8 << 20;
     let tb = Testbed::mobile_proxy_server().expect("testbed");
-    let dp = tb
-        .px
-        .run_in(|| -> Result<Datapath, msocks_splice::Error> {
-            let mut dp = Datapath::load()?;
-            for iface in [Link::Wired.px_if(), Link::Radio.px_if(), SV_IF_ON_PX] {
-                dp.attach(iface)?;
-            }
-            Ok(dp)
-        })
-        .expect("setns")
-        .expect("datapath");
-    let dp = Arc::new(Mutex::new(dp));
+    let dp = common::datapath_on_px(&tb, Hook::Auto);
     let sv_addr = SocketAddr::new(tb.sv_ip.into(), 7301);
     let px_addr = SocketAddr::new(tb.px_wired_ip.into(), 7300);
 
