@@ -945,11 +945,12 @@ when_unavailable = "fail"
         .spawn()
         .expect("start python3");
 
-    let c = wait_row(&s, "curl's stream", |r| {
-        r.program.as_deref() == Some("curl")
+    // Placed once connected: a row still "connecting" has no interfaces yet.
+    let c = wait_row(&s, "curl's stream, connected", |r| {
+        r.program.as_deref() == Some("curl") && r.state != "connecting"
     });
-    let p = wait_row(&s, "python's stream", |r| {
-        r.program.as_deref() == Some(py_comm.as_str())
+    let p = wait_row(&s, "python's stream, connected", |r| {
+        r.program.as_deref() == Some(py_comm.as_str()) && r.state != "connecting"
     });
     assert_eq!(
         (c.outbound.as_str(), c.inbound.as_str(), c.rule.as_str()),
