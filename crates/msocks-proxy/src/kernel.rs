@@ -91,7 +91,7 @@ static ENGINE: std::sync::OnceLock<Option<msocks_splice::Engine>> = std::sync::O
 /// The process's engine, loaded at the first kernel session; `None` (logged once) where
 /// it cannot load.
 #[cfg(target_os = "linux")]
-fn engine(interfaces: &[String]) -> Option<&'static msocks_splice::Engine> {
+pub(crate) fn engine(interfaces: &[String]) -> Option<&'static msocks_splice::Engine> {
     ENGINE
         .get_or_init(|| match msocks_splice::Engine::start(interfaces) {
             Ok(e) => {
@@ -136,6 +136,7 @@ async fn spliced(
             server: s,
             pending_to_server: Vec::new(),
             pending_to_client: Vec::new(),
+            drained: (0, 0),
         })),
     })
     .await;

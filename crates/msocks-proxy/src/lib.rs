@@ -25,6 +25,7 @@ pub mod config;
 pub mod connect;
 pub mod handshake;
 mod kernel;
+mod kernel_mobile;
 mod mobile;
 mod registry;
 pub mod relay;

@@ -89,6 +89,32 @@ impl MobilePath {
     }
 }
 
+/// Where a session's streams stand when this engine takes it over: at the start (only the
+/// client's early bytes), or where the kernel engine left them when it could not splice.
+pub(crate) struct Start {
+    /// Client-to-server bytes already written to the server.
+    pub(crate) up_written: u64,
+    /// Server-to-client bytes already written to the client (taken as acknowledged: they
+    /// are not kept for a resend).
+    pub(crate) down_written: u64,
+    /// Client-to-server bytes received and not yet written to the server.
+    pub(crate) up_pending: Vec<u8>,
+    /// Server-to-client bytes received and not yet written to the client.
+    pub(crate) down_pending: Vec<u8>,
+}
+
+impl Start {
+    /// A session that has moved nothing yet; `early` came with the request.
+    pub(crate) fn fresh(early: &[u8]) -> Start {
+        Start {
+            up_written: 0,
+            down_written: 0,
+            up_pending: early.to_vec(),
+            down_pending: Vec::new(),
+        }
+    }
+}
+
 /// The state of one MSOCKS session's byte streams.
 pub(crate) struct MobileEngine<'a> {
     shared: &'a Shared,
@@ -134,27 +160,28 @@ impl<'a> MobileEngine<'a> {
         options: MobilityOptions,
         stream: TcpStream,
         server: TcpStream,
-        early: &[u8],
+        start: Start,
     ) -> Self {
         let _ = socket2::SockRef::from(&server).set_out_of_band_inline(true);
         let peer = client.peer;
+        let up_received = start.up_written + start.up_pending.len() as u64;
         MobileEngine {
             shared,
             client,
             traffic,
             options,
             server,
-            path: Some(MobilePath::new(stream, peer, 0)),
-            retained: VecDeque::new(),
-            base: 0,
-            down_sent: 0,
+            path: Some(MobilePath::new(stream, peer, start.down_written)),
+            retained: start.down_pending.into(),
+            base: start.down_written,
+            down_sent: start.down_written,
             server_eof: false,
             urgent_down: VecDeque::new(),
             urgent_history: Vec::new(),
             urgent_up: VecDeque::new(),
-            up_pending: early.to_vec(),
+            up_pending: start.up_pending,
             up_pending_pos: 0,
-            up_received: early.len() as u64,
+            up_received,
             up_skip: 0,
             client_eof: false,
             up_fin_sent: false,

@@ -578,10 +578,10 @@ impl<'a> MobileSession<'a> {
         server: TcpStream,
         early: &[u8],
     ) -> Outcome {
-        let Some(rx) = self.attach_rx.take() else {
+        let Some(mut rx) = self.attach_rx.take() else {
             return Outcome::Ended("engine already ran".into());
         };
-        let engine = crate::mobile::MobileEngine::new(
+        let back = crate::kernel_mobile::run(
             self.shared,
             client,
             traffic,
@@ -589,6 +589,21 @@ impl<'a> MobileSession<'a> {
             stream,
             server,
             early,
+            &mut rx,
+        )
+        .await;
+        let fallback = match back {
+            Ok(end) => return Outcome::Ended(end),
+            Err(f) => f,
+        };
+        let engine = crate::mobile::MobileEngine::new(
+            self.shared,
+            client,
+            traffic,
+            options,
+            fallback.stream,
+            fallback.server,
+            fallback.start,
         );
         Outcome::Ended(engine.run(rx).await)
     }

@@ -39,7 +39,7 @@
 #endif
 
 _Static_assert(sizeof(struct splice_key) == 40, "splice_key layout (src/maps.rs)");
-_Static_assert(sizeof(struct splice_val) == 112, "splice_val layout (src/maps.rs)");
+_Static_assert(sizeof(struct splice_val) == 120, "splice_val layout (src/maps.rs)");
 _Static_assert(offsetof(struct splice_val, seq_delta) == 44, "seq_delta offset");
 _Static_assert(offsetof(struct splice_val, out_tsoffset) == 60, "out_tsoffset offset");
 _Static_assert(offsetof(struct splice_val, out_ifindex) == 64, "out_ifindex offset");
@@ -47,6 +47,8 @@ _Static_assert(offsetof(struct splice_val, last_tsval_out) == 68, "last_tsval_ou
 _Static_assert(offsetof(struct splice_val, tsval_delta) == 72, "tsval_delta offset");
 _Static_assert(offsetof(struct splice_val, events) == 96, "events offset");
 _Static_assert(offsetof(struct splice_val, drops) == 108, "drops offset");
+_Static_assert(offsetof(struct splice_val, seq_max) == 112, "seq_max offset");
+_Static_assert(offsetof(struct splice_val, ctl_slot) == 116, "ctl_slot offset");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -61,6 +63,15 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } splice_stats SEC(".maps");
+
+/* One word per live splice, written in place by the control plane (see
+ * struct splice_val's ctl_slot). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, SPLICE_MAX_ENTRIES);
+	__type(key, __u32);
+	__type(value, __u32);
+} splice_ctl SEC(".maps");
 
 /* A segment that is not ours: let the next classifier on the hook (another
  * proxy process's splice, say) or the stack have it. TC_ACT_OK would end
@@ -102,6 +113,22 @@ static __always_inline int drop(struct splice_val *v, __u32 idx)
 static __always_inline int seq_before(__u32 a, __u32 b)
 {
 	return (__s32)(a - b) < 0;
+}
+
+/* *p = max(*p, v) in sequence space. Two CPUs may handle segments of one
+ * direction at once, and a plain store could then move the value back: a
+ * compare-and-swap that retries while another CPU moved it, a few times
+ * (each retry means the value moved forward, so giving up after several
+ * leaves a value no older than what this CPU saw). */
+static __always_inline void seq_advance(__u32 *p, __u32 v)
+{
+	for (int i = 0; i < 4; i++) {
+		__u32 old = *(volatile __u32 *)p;
+		if (!seq_before(old, v))
+			return;
+		if (__sync_val_compare_and_swap(p, old, v) == old)
+			return;
+	}
 }
 
 static __always_inline __u32 rd32(const __u8 *p)
@@ -215,7 +242,7 @@ static __always_inline int map_options(__u8 *buf, int found, struct splice_val *
 			d = old ? old : want;
 		}
 		wr32(&buf[o], tsval + (__u32)d);
-		v->last_tsval_out = tsval + (__u32)d;
+		seq_advance(&v->last_tsval_out, tsval + (__u32)d);
 		/* TSecr echoes a TSval the receiver of the other direction got
 		 * from us: undo that direction's offset. Until that direction
 		 * has one, echo 0 (no RTT sample; RFC 7323 lets a receiver
@@ -455,6 +482,12 @@ int splice_ingress(struct __sk_buff *skb)
 		return drop(v, STAT_RESPLICE_DROP);
 	if (v->state != SPLICE_ACTIVE)
 		return NOT_OURS;
+	{
+		__u32 slot = v->ctl_slot;
+		__u32 *ctl = bpf_map_lookup_elem(&splice_ctl, &slot);
+		if (ctl && *(volatile __u32 *)ctl == SPLICE_DROP)
+			return drop(v, STAT_RESPLICE_DROP);
+	}
 	if (syn)
 		return drop(v, STAT_SYN);
 
@@ -577,8 +610,10 @@ int splice_ingress(struct __sk_buff *skb)
 	}
 
 	/* Bookkeeping for teardown and RECONNECT. */
+	if (payload || fin)
+		seq_advance(&v->seq_max, new_seq + payload + (fin ? 1 : 0));
 	if (has_ack) {
-		v->last_ack = ack;
+		seq_advance(&v->last_ack, ack);
 		if (rev && (rev->events & SPLICE_EV_FIN) && !seq_before(ack, rev->fin_end))
 			__sync_fetch_and_or(&rev->events, SPLICE_EV_FIN_ACKED);
 	}

@@ -67,7 +67,7 @@ struct splice_val {
 	/* The interface the rewritten segment leaves by: the proxy's interface
 	 * holding the new source address (the FIB lookup is confined to it). */
 	__u32 out_ifindex;
-	/* Written by the datapath: the latest TSval it put on the outgoing
+	/* Written by the datapath: the highest TSval it put on the outgoing
 	 * connection (a resplice must not go below it). */
 	__u32 last_tsval_out;
 	/* --- written by the datapath --- */
@@ -79,12 +79,27 @@ struct splice_val {
 	/* sequence number just past this direction's FIN, in the outgoing
 	 * connection's space (valid with SPLICE_EV_FIN). */
 	__u32 fin_end;
-	/* latest acknowledgement number from this sender (incoming space):
-	 * what the sender has acknowledged, for RECONNECT's snd_una. */
+	/* highest acknowledgement number from this sender (incoming space):
+	 * what the sender has acknowledged, for RECONNECT's snd_una. The
+	 * control plane initialises it to the splice point; the datapath only
+	 * moves it forward (segments of one direction may be handled on two
+	 * CPUs at once, so the latest ACK handled is not always the highest). */
 	__u32 last_ack;
 	/* segments of this direction the datapath refused to forward */
 	__u32 drops;
+	/* highest sequence number just past the payload (and FIN) forwarded
+	 * on the outgoing connection: the proxy's snd_nxt there, as far as
+	 * the splice has sent. Initialised by the control plane. */
+	__u32 seq_max;
+	/* Index of this splice's word in splice_ctl (both directions share
+	 * it). The control plane stops a live splice by writing that word,
+	 * in place, instead of rewriting this value: a rewrite replaces the
+	 * map element, and a CPU forwarding a segment at that moment would
+	 * record its ACK in the old element, lost. */
+	__u32 ctl_slot;
 };
+
+/* splice_ctl words: 0 = no override, SPLICE_DROP = drop everything. */
 
 /* Indices of the global counters array (splice_stats). */
 #define STAT_SPLICED 0      /* segments rewritten and redirected */

@@ -15,6 +15,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sp
 const PROGRAM: &str = "splice_ingress";
 const TABLE: &str = "splice_table";
 const STATS: &str = "splice_stats";
+const CTL: &str = "splice_ctl";
 
 /// How the program is hooked into tc ingress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +44,9 @@ pub struct Datapath {
     ifindexes: Vec<u32>,
     /// How each interface was hooked: `"tcx"` or `"clsact"`.
     hooks: Vec<(String, &'static str)>,
+    /// `splice_ctl` words given back by ended splices, and the first never used.
+    free_slots: Vec<u32>,
+    next_slot: u32,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -75,6 +79,8 @@ impl Datapath {
             attached: Vec::new(),
             ifindexes: Vec::new(),
             hooks: Vec::new(),
+            free_slots: Vec::new(),
+            next_slot: 0,
         })
     }
 
@@ -222,6 +228,41 @@ impl Datapath {
     pub(crate) fn table(&mut self) -> Result<HashMap<&mut MapData, SpliceKey, SpliceVal>, Error> {
         let map = self.ebpf.map_mut(TABLE).ok_or(Error::Missing(TABLE))?;
         HashMap::try_from(map).map_err(|e| Error::Map(boxed(e)))
+    }
+
+    /// A free `splice_ctl` word for a new splice, cleared (no override).
+    pub(crate) fn alloc_slot(&mut self) -> Result<u32, Error> {
+        let slot = match self.free_slots.pop() {
+            Some(s) => s,
+            None if self.next_slot < crate::maps::CTL_SLOTS => {
+                self.next_slot += 1;
+                self.next_slot - 1
+            }
+            None => {
+                return Err(Error::Incompatible(
+                    "every splice control slot is in use".into(),
+                ))
+            }
+        };
+        if let Err(e) = self.set_ctl(slot, 0) {
+            self.free_slots.push(slot);
+            return Err(e);
+        }
+        Ok(slot)
+    }
+
+    /// Gives a splice's `splice_ctl` word back.
+    pub(crate) fn free_slot(&mut self, slot: u32) {
+        self.free_slots.push(slot);
+    }
+
+    /// Writes a splice's `splice_ctl` word in place: 0, or `STATE_DROP` to
+    /// make the datapath drop both directions' segments.
+    pub(crate) fn set_ctl(&mut self, slot: u32, word: u32) -> Result<(), Error> {
+        let map = self.ebpf.map_mut(CTL).ok_or(Error::Missing(CTL))?;
+        let mut arr: Array<&mut MapData, u32> =
+            Array::try_from(map).map_err(|e| Error::Map(boxed(e)))?;
+        arr.set(slot, word, 0).map_err(|e| Error::Map(boxed(e)))
     }
 
     /// The datapath's global counters, by name.

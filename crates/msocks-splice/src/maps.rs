@@ -108,7 +108,7 @@ pub struct SpliceVal {
     /// Index of the interface holding the new source address; the
     /// datapath's route lookup is confined to it.
     pub out_ifindex: u32,
-    /// Datapath: the latest TSval it put on the outgoing connection (a
+    /// Datapath: the highest TSval it put on the outgoing connection (a
     /// resplice must not go below it).
     pub last_tsval_out: u32,
     /// Datapath: TSval offset, valid when [`TS_VALID`] is set.
@@ -121,10 +121,21 @@ pub struct SpliceVal {
     pub events: u32,
     /// Datapath: sequence number past this direction's FIN (outgoing space).
     pub fin_end: u32,
-    /// Datapath: latest ACK number from this sender (incoming space).
+    /// Highest ACK number from this sender (incoming space): set to the
+    /// splice point by the control plane, moved only forward by the
+    /// datapath.
     pub last_ack: u32,
     /// Datapath: segments refused.
     pub drops: u32,
+    /// Highest sequence number past the payload (and FIN) forwarded on
+    /// the outgoing connection: set to the splice point by the control
+    /// plane, moved only forward by the datapath.
+    pub seq_max: u32,
+    /// Index of this splice's word in the `splice_ctl` array, through
+    /// which the control plane stops a live splice in place (rewriting the
+    /// value would replace the map element and lose a datapath update
+    /// racing with it).
+    pub ctl_slot: u32,
 }
 
 // SAFETY: both types are `#[repr(C)]`, consist only of integers and integer
@@ -139,7 +150,7 @@ unsafe impl aya::Pod for SpliceVal {}
 
 const _: () = {
     assert!(std::mem::size_of::<SpliceKey>() == 40);
-    assert!(std::mem::size_of::<SpliceVal>() == 112);
+    assert!(std::mem::size_of::<SpliceVal>() == 120);
     assert!(std::mem::offset_of!(SpliceVal, seq_delta) == 44);
     assert!(std::mem::offset_of!(SpliceVal, out_tsoffset) == 60);
     assert!(std::mem::offset_of!(SpliceVal, out_ifindex) == 64);
@@ -147,9 +158,14 @@ const _: () = {
     assert!(std::mem::offset_of!(SpliceVal, tsval_delta) == 72);
     assert!(std::mem::offset_of!(SpliceVal, events) == 96);
     assert!(std::mem::offset_of!(SpliceVal, drops) == 108);
+    assert!(std::mem::offset_of!(SpliceVal, seq_max) == 112);
+    assert!(std::mem::offset_of!(SpliceVal, ctl_slot) == 116);
 };
 
 /// An address as the datapath stores it: network byte order words.
+/// Number of words in `splice_ctl`, one per live splice (`SPLICE_MAX_ENTRIES`).
+pub const CTL_SLOTS: u32 = 65536;
+
 #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 pub(crate) fn addr_words(ip: IpAddr) -> [u32; 4] {
     let mut w = [0u32; 4];

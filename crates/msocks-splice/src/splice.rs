@@ -28,7 +28,7 @@ use crate::loader::Datapath;
 use crate::mapping::{ConnState, DirMap};
 use crate::maps::{
     addr_words, SpliceKey, SpliceVal, EV_FIN_ACKED, EV_RST, OPT_SACK, OPT_TS, STATE_ACTIVE,
-    STATE_DROP, STATE_HOLD, TS_VALID,
+    STATE_DROP, STATE_HOLD,
 };
 use crate::repair::{self, Info, TCPI_OPT_ECN, TCPI_OPT_SACK, TCPI_OPT_TIMESTAMPS};
 use crate::Error;
@@ -55,6 +55,10 @@ pub struct Refused {
     /// Bytes the drain had read from the server and not yet written to the
     /// client: write them first.
     pub pending_to_client: Vec<u8>,
+    /// Bytes the drain had already copied before it gave up: (to the
+    /// server, to the client). A caller that counts the streams' bytes
+    /// (an MSOCKS session) adds them.
+    pub drained: (u64, u64),
 }
 
 /// Where a splice is.
@@ -92,7 +96,15 @@ pub struct Spliced {
     /// A client connection replaced by [`Spliced::resplice_client`]: its
     /// frozen socket and (DROP) entry, released with this splice.
     retired: Option<(SpliceKey, TcpStream)>,
+    /// This splice's `splice_ctl` word.
+    slot: u32,
 }
+
+/// How long [`Spliced::suspend`] waits after stopping the datapath before
+/// it reads the counters: a CPU that was forwarding a segment of this
+/// splice when the stop was written finishes that segment (microseconds)
+/// and records its ACK first.
+const STOP_GRACE: Duration = Duration::from_millis(2);
 
 fn lock(dp: &SharedDatapath) -> MutexGuard<'_, Datapath> {
     // A panic while holding the lock leaves the map itself consistent (the
@@ -142,16 +154,29 @@ fn compatible(c: &Info, s: &Info) -> Result<(), Error> {
     Ok(())
 }
 
+/// One direction's entry: segments arriving on the connection whose state is `inc` leave
+/// from `from` to `to` on the connection whose state is `out`.
+#[allow(clippy::too_many_arguments)]
 fn value(
     state: u32,
     opts: u32,
     map: &DirMap,
     from: SocketAddr,
     to: SocketAddr,
+    inc: &ConnState,
     out: &ConnState,
     out_ifindex: u32,
 ) -> SpliceVal {
     SpliceVal {
+        // The datapath only moves these forward, so they start at the splice point: the
+        // sender has acknowledged everything the proxy sent it (the freeze waited for
+        // that), the proxy has sent up to its `snd_nxt`, and its own TSvals on the
+        // outgoing connection reached its clock now.
+        last_ack: inc.snd_nxt,
+        seq_max: out.snd_nxt,
+        last_tsval_out: repair::monotonic_ms()
+            .wrapping_add(out.ts_offset)
+            .wrapping_sub(1),
         out_ifindex,
         state,
         opts,
@@ -226,6 +251,7 @@ pub fn splice_with(
             server,
             pending_to_server: Vec::new(),
             pending_to_client: Vec::new(),
+            drained: (0, 0),
         })
     };
     let addrs = (|| -> Result<_, Error> {
@@ -325,6 +351,7 @@ pub fn splice_with(
                 server,
                 pending_to_server: pending.to_server,
                 pending_to_client: pending.to_client,
+                drained: pending.written,
             }));
         }
     };
@@ -345,6 +372,7 @@ pub fn splice_with(
         &fwd,
         s_local,
         s_peer,
+        &c_state,
         &s_state,
         s_ifindex,
     );
@@ -354,26 +382,39 @@ pub fn splice_with(
         &rev,
         c_local,
         c_peer,
+        &s_state,
         &c_state,
         c_ifindex,
     );
-    let activated = (|| -> Result<(), Error> {
+    let activated = (|| -> Result<u32, Error> {
         let mut dp = lock(datapath);
-        let mut table = dp.table()?;
-        table
-            .insert(to_server, v_fwd, 0)
-            .map_err(|e| Error::Map(Box::new(e)))?;
-        table
-            .insert(to_client, v_rev, 0)
-            .map_err(|e| Error::Map(Box::new(e)))?;
-        Ok(())
+        let slot = dp.alloc_slot()?;
+        let (mut v_fwd, mut v_rev) = (v_fwd, v_rev);
+        v_fwd.ctl_slot = slot;
+        v_rev.ctl_slot = slot;
+        let written = dp.table().and_then(|mut table| {
+            table
+                .insert(to_server, v_fwd, 0)
+                .map_err(|e| Error::Map(Box::new(e)))?;
+            table
+                .insert(to_client, v_rev, 0)
+                .map_err(|e| Error::Map(Box::new(e)))
+        });
+        if let Err(e) = written {
+            dp.free_slot(slot);
+            return Err(e);
+        }
+        Ok(slot)
     })();
-    if let Err(e) = activated {
-        remove_entries();
-        let _ = repair::set_repair(client.as_fd(), false);
-        let _ = repair::set_repair(server.as_fd(), false);
-        return Err(refuse(e, client, server));
-    }
+    let slot = match activated {
+        Ok(slot) => slot,
+        Err(e) => {
+            remove_entries();
+            let _ = repair::set_repair(client.as_fd(), false);
+            let _ = repair::set_repair(server.as_fd(), false);
+            return Err(refuse(e, client, server));
+        }
+    };
     tracing::debug!(?c_state, ?s_state, "splice active");
     Ok(Spliced {
         datapath: Arc::clone(datapath),
@@ -387,6 +428,7 @@ pub fn splice_with(
         },
         drained,
         retired: None,
+        slot,
     })
 }
 
@@ -416,9 +458,18 @@ fn freeze(
         Ok(()) => {}
         Err(e) => return Err((e, pending)),
     }
+    let written = pending.written;
     freeze_quiet(client, server)
-        .map(|(c, s)| (c, s, pending.written))
-        .map_err(|e| (e, Pending::default()))
+        .map(|(c, s)| (c, s, written))
+        .map_err(|e| {
+            (
+                e,
+                Pending {
+                    written,
+                    ..Pending::default()
+                },
+            )
+        })
 }
 
 /// Step 3. Non-blocking throughout: a destination that does not take
@@ -596,24 +647,27 @@ impl Spliced {
     /// splice point, from the latest ACK numbers the datapath saw:
     /// `(client_acked_down, server_acked_up)`, in bytes modulo 2^32 (a
     /// FIN counts one). These are the paper's `snd_una_C` and `snd_una_D`
-    /// relative to the basepoints — what a RECONNECT on this engine would
-    /// start from (not implemented yet). A caller polling more often than
+    /// relative to the basepoints — what a RECONNECT on this engine
+    /// starts from. A caller polling more often than
     /// every 4 GiB per direction can extend them to 64 bits.
     pub fn acked_since_splice(&self) -> Result<(u32, u32), Error> {
         let (up, down) = self.entries()?;
         // `up` carries the client's ACKs (of what the proxy sent it on the
-        // client connection); `down` the server's.
-        let client = if up.last_ack == 0 && up.packets == 0 {
-            0
-        } else {
-            up.last_ack.wrapping_sub(self.basepoints.client.snd_nxt)
-        };
-        let server = if down.last_ack == 0 && down.packets == 0 {
-            0
-        } else {
-            down.last_ack.wrapping_sub(self.basepoints.server.snd_nxt)
-        };
-        Ok((client, server))
+        // client connection); `down` the server's. Both start at the splice
+        // point and only grow.
+        Ok((
+            up.last_ack.wrapping_sub(self.basepoints.client.snd_nxt),
+            down.last_ack.wrapping_sub(self.basepoints.server.snd_nxt),
+        ))
+    }
+
+    /// How far the splice has sent the server's stream to the client since
+    /// the splice point (the proxy's `snd_nxt` on the client connection,
+    /// relative; a FIN counts one), modulo 2^32. A RECONNECT's `data_read`
+    /// cannot lie beyond it.
+    pub fn sent_down_since_splice(&self) -> Result<u32, Error> {
+        let (_, down) = self.entries()?;
+        Ok(down.seq_max.wrapping_sub(self.basepoints.client.snd_nxt))
     }
 
     /// Bytes the drain copied between the sockets before the splice
@@ -633,18 +687,17 @@ impl Spliced {
     /// server's stream up to the first, the server the client's up to the
     /// second.
     pub fn suspend(&mut self) -> Result<(u32, u32), Error> {
-        {
-            let mut dp = lock(&self.datapath);
-            let mut table = dp.table()?;
-            for key in [self.to_server, self.to_client] {
-                let mut v = table.get(&key, 0).map_err(|e| Error::Map(Box::new(e)))?;
-                v.state = STATE_DROP;
-                table
-                    .insert(key, v, 0)
-                    .map_err(|e| Error::Map(Box::new(e)))?;
-            }
-        }
+        lock(&self.datapath).set_ctl(self.slot, STATE_DROP)?;
+        std::thread::sleep(STOP_GRACE);
         self.acked_since_splice()
+    }
+
+    /// Undoes [`Spliced::suspend`] when a move is abandoned before the
+    /// client was told where to resume: both directions forward again
+    /// from where they stopped (what was dropped meanwhile, its senders
+    /// retransmit).
+    pub fn unsuspend(&self) -> Result<(), Error> {
+        lock(&self.datapath).set_ctl(self.slot, 0)
     }
 
     /// Second step of a move: puts the new client connection's 4-tuple in
@@ -664,17 +717,34 @@ impl Spliced {
             .map_err(|e| Error::Map(Box::new(e)))
     }
 
+    /// Abandons a move after [`Spliced::prepare_client`]: removes the new
+    /// connection's HOLD entry (the connection is then an ordinary socket
+    /// again).
+    pub fn forget_client(&self, client: &TcpStream) {
+        if let (Ok(p), Ok(l)) = (client.peer_addr(), client.local_addr()) {
+            let mut dp = lock(&self.datapath);
+            if let Ok(mut t) = dp.table() {
+                let _ = t.remove(&SpliceKey::new(p, l));
+            }
+        }
+    }
+
     /// Last step of a move: once the reply is acknowledged, freezes the
     /// new client connection and splices it to the server connection
-    /// exactly where [`Spliced::suspend`] said the streams resume: the
-    /// server's bytes from the first offset go to the new connection, the
-    /// client's bytes from the second offset (which the client sends
-    /// again) go to the server. The old client connection is retired
+    /// where [`Spliced::suspend`] said the streams resume: the server's
+    /// bytes from the first offset plus `down_ahead` go to the new
+    /// connection, the client's bytes from the second offset (which the
+    /// client sends again) go to the server. `down_ahead` is how many bytes
+    /// beyond its last acknowledgement the client had already received
+    /// (its ACK of them was lost or not sent yet); the server's
+    /// retransmission of those falls below the new splice point and is
+    /// cut off (paper III-B.4). The old client connection is retired
     /// silently. On failure the splice stays suspended and the new
     /// connection's entry is removed.
     pub fn resplice_client(
         mut self,
         client: TcpStream,
+        down_ahead: u32,
         drain_timeout: Duration,
     ) -> Result<Spliced, Box<(Error, Spliced)>> {
         let new_key = match (client.peer_addr(), client.local_addr()) {
@@ -689,17 +759,31 @@ impl Spliced {
                 )))
             }
         };
-        match self.resplice_inner(&client, drain_timeout) {
-            Ok((fwd, rev, basepoints)) => {
+        match self.resplice_inner(&client, down_ahead, drain_timeout) {
+            Ok((mut fwd, mut rev, basepoints)) => {
                 let old_key = self.to_server;
+                fwd.ctl_slot = self.slot;
+                rev.ctl_slot = self.slot;
                 {
                     let mut dp = lock(&self.datapath);
-                    let done = dp.table().and_then(|mut t| {
-                        t.insert(new_key, fwd, 0)
-                            .map_err(|e| Error::Map(Box::new(e)))?;
-                        t.insert(self.to_client, rev, 0)
-                            .map_err(|e| Error::Map(Box::new(e)))
-                    });
+                    // The old connection's entry drops for good (its own
+                    // state, since the shared word goes back to 0); then
+                    // the new entries; then the word: both directions
+                    // start at once.
+                    let done = dp
+                        .table()
+                        .and_then(|mut t| {
+                            let mut old =
+                                t.get(&old_key, 0).map_err(|e| Error::Map(Box::new(e)))?;
+                            old.state = STATE_DROP;
+                            t.insert(old_key, old, 0)
+                                .map_err(|e| Error::Map(Box::new(e)))?;
+                            t.insert(new_key, fwd, 0)
+                                .map_err(|e| Error::Map(Box::new(e)))?;
+                            t.insert(self.to_client, rev, 0)
+                                .map_err(|e| Error::Map(Box::new(e)))
+                        })
+                        .and_then(|()| dp.set_ctl(self.slot, 0));
                     if let Err(e) = done {
                         if let Ok(mut t) = dp.table() {
                             let _ = t.remove(&new_key);
@@ -718,6 +802,7 @@ impl Spliced {
                 let retired = old_client.map(|c| (old_key, c));
                 let datapath = Arc::clone(&self.datapath);
                 let to_client = self.to_client;
+                let slot = self.slot;
                 // `self` is spent: its sockets moved out (so its `Drop`
                 // releases nothing), its keys now belong to the new splice.
                 drop(self);
@@ -730,6 +815,7 @@ impl Spliced {
                     basepoints,
                     drained,
                     retired,
+                    slot,
                 })
             }
             Err(e) => {
@@ -749,6 +835,7 @@ impl Spliced {
     fn resplice_inner(
         &self,
         client: &TcpStream,
+        down_ahead: u32,
         timeout: Duration,
     ) -> Result<(SpliceVal, SpliceVal, Basepoints), Error> {
         let (up, down) = self.entries()?;
@@ -760,18 +847,11 @@ impl Spliced {
         let old_server = self.basepoints.server;
         let old_fwd = DirMap::new(&self.basepoints.client, &old_server);
         // Where the server's connection resumes, in its sequence space:
-        // the next byte the server expects (its last ACK), and the next
-        // byte of the server's the client has not acknowledged.
-        let b_up = if down.packets > 0 {
-            down.last_ack
-        } else {
-            old_server.snd_nxt
-        };
-        let b_down = if up.packets > 0 {
-            old_fwd.ack(up.last_ack)
-        } else {
-            old_server.rcv_nxt
-        };
+        // the next byte the server expects (its highest ACK), and the next
+        // byte of the server's the client has not received (its highest
+        // ACK, mapped, plus what it received unacknowledged).
+        let b_up = down.last_ack;
+        let b_down = old_fwd.ack(up.last_ack).wrapping_add(down_ahead);
 
         let c_info = repair::info(client.as_fd()).map_err(sock_err("TCP_INFO"))?;
         let old_c = self
@@ -851,7 +931,7 @@ impl Spliced {
         let now = repair::monotonic_ms();
         let b_now = now.wrapping_add(old_server.ts_offset);
         let floor = up.last_tsval_out.wrapping_add(1);
-        let start = if up.tsval_delta & TS_VALID != 0 && crate::mapping::seq_before(b_now, floor) {
+        let start = if crate::mapping::seq_before(b_now, floor) {
             floor
         } else {
             b_now
@@ -871,6 +951,7 @@ impl Spliced {
             &fwd,
             s_local,
             s_peer,
+            &c_state,
             &s_state,
             up.out_ifindex,
         );
@@ -880,6 +961,7 @@ impl Spliced {
             &rev,
             c_local,
             c_peer,
+            &s_state,
             &c_state,
             c_ifindex,
         );
@@ -922,6 +1004,7 @@ impl Spliced {
                     let _ = table.remove(key);
                 }
             }
+            dp.free_slot(self.slot);
         }
         // In repair mode: dropping it sends nothing.
         self.retired.take();

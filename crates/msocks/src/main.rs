@@ -150,9 +150,22 @@ struct ProxyArgs {
     /// Close sessions idle this long, e.g. `90s`, `10m`; `0s` disables (overrides limits.idle_timeout).
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     idle_timeout: Option<Duration>,
+    /// Session engine (overrides engine.kind): `relay` copies in userspace; `kernel` splices
+    /// each session's two TCP connections in an eBPF datapath (Linux, root; sessions that
+    /// cannot be spliced use the relay, and the log says why). See docs/KERNEL-SPLICE.md.
+    #[arg(long, value_name = "ENGINE", value_parser = parse_engine)]
+    engine: Option<msocks_proxy::config::EngineKind>,
     /// Validate the configuration (and users file), print a summary, and exit.
     #[arg(long)]
     check_config: bool,
+}
+
+fn parse_engine(s: &str) -> Result<msocks_proxy::config::EngineKind, String> {
+    match s {
+        "relay" => Ok(msocks_proxy::config::EngineKind::Relay),
+        "kernel" => Ok(msocks_proxy::config::EngineKind::Kernel),
+        other => Err(format!("unknown engine {other:?}: use `relay` or `kernel`")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -253,6 +266,9 @@ fn effective_config(args: &ProxyArgs) -> Result<ProxyConfig> {
     if let Some(d) = args.idle_timeout {
         config.limits.idle_timeout = d;
     }
+    if let Some(kind) = args.engine {
+        config.engine.kind = kind;
+    }
     config.validate()?;
     Ok(config)
 }
@@ -320,6 +336,7 @@ fn run_proxy(args: ProxyArgs) -> Result<()> {
         }
         println!("  rules: {}", config.rules.len());
         println!("  max sessions: {}", config.limits.max_sessions);
+        println!("  engine: {:?}", config.engine.kind);
         return Ok(());
     }
     init_logging(&config, args.log_level.as_deref())?;

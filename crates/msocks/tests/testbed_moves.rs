@@ -65,6 +65,11 @@ impl Proxy {
     /// Starts the proxy on port 1080 of every address of `px` and waits until the mobile
     /// node can connect to it.
     fn start(tb: &Testbed) -> Proxy {
+        Proxy::start_with(tb, "relay")
+    }
+
+    /// [`Proxy::start`] with the session engine `engine` (`relay` or `kernel`).
+    fn start_with(tb: &Testbed, engine: &str) -> Proxy {
         init_client_log();
         // The session lines at info are what `expect_sessions` reads; more for debugging.
         let level = std::env::var("MSOCKS_TEST_PROXY_LOG").unwrap_or_else(|_| "info".into());
@@ -77,6 +82,8 @@ impl Proxy {
                 &format!("0.0.0.0:{PROXY_PORT}"),
                 "--log-level",
                 &level,
+                "--engine",
+                engine,
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -1549,4 +1556,62 @@ fn counters_cross_2_pow_32_63_and_64_during_moves() {
         );
     }
     proxy.expect_sessions(&[12, 12, 12]);
+}
+
+// ---------------------------------------------------------------------------
+// 7: the same moves on the kernel engine (eBPF TCP Splice, docs/KERNEL-SPLICE.md)
+// ---------------------------------------------------------------------------
+
+impl Proxy {
+    /// Asserts that `n` sessions ran on the kernel splice (none fell back to the relay).
+    fn expect_spliced(&self, n: usize) {
+        let lines = self.lines();
+        let spliced = lines
+            .iter()
+            .filter(|l| l.contains("engine: spliced"))
+            .count();
+        let fell_back = lines
+            .iter()
+            .filter(|l| l.contains("engine: not spliced") || l.contains("engine unavailable"))
+            .cloned()
+            .collect::<Vec<_>>();
+        assert!(
+            fell_back.is_empty(),
+            "sessions fell back to the relay: {fell_back:?}"
+        );
+        assert_eq!(
+            spliced,
+            n,
+            "kernel-spliced sessions; the proxy's log:\n{}",
+            self.log_text()
+        );
+    }
+}
+
+/// 100 moves alternating wired/radio, every third one hard, while 4 MiB go each way at once,
+/// on the kernel engine: the streams resume where the acknowledgements the datapath saw and
+/// the client's counters say, byte-exact.
+#[test]
+fn kernel_both_directions_survive_100_moves_a_third_hard() {
+    if !msocks_testbed::require_root("kernel_both_directions_survive_100_moves_a_third_hard") {
+        return;
+    }
+    let tb = Testbed::mobile_proxy_server().expect("building the testbed");
+    let proxy = Proxy::start_with(&tb, "kernel");
+    let plan = Plan::new(
+        4 * MIB,
+        4 * MIB,
+        Moves {
+            count: 100,
+            hard_every: 3,
+            interval: Duration::from_millis(5),
+            down_pause: Duration::ZERO,
+            warm: false,
+        },
+    );
+    let (client, server, connections) = connect_transfer(&tb, SERVER_PORT, config(&tb), &plan);
+    summary("kernel, both ways", &client.moves);
+    assert_exact(&client, &server, connections, &plan);
+    proxy.expect_sessions(&[100]);
+    proxy.expect_spliced(1);
 }

@@ -1,0 +1,578 @@
+//! The `kernel` engine of MSOCKS sessions: the session's two connections are spliced at
+//! packet level ([`msocks_splice`]), and a RECONNECT moves the splice to the new mobile-side
+//! connection exactly as the paper's section III-B.4/5 says, from what the datapath saw:
+//!
+//! * `snd_una_C` is the highest ACK the mobile node sent through the splice, `snd_una_D` the
+//!   highest ACK the server sent, both kept as 64-bit stream offsets by polling the 32-bit
+//!   datapath counters (a poll every [`POLL`] is far more often than 2 GiB can pass).
+//! * The resume points and the reply counters come from [`msocks_proto::resplice`], as for the
+//!   relay engine; the server's retransmission of bytes the application already read falls
+//!   below the new splice point and is cut off by the datapath.
+//! * The proxy's TCP never acknowledges session data, so every byte the mobile node has not
+//!   seen acknowledged is still in its socket, and every byte the server has not seen
+//!   acknowledged is still in the server's: nothing is kept in the proxy.
+//!
+//! What this engine does not take, and how it says so: an early resend (PROTOCOL.md 3.7.1;
+//! its bytes would reach the proxy's socket, which cannot pass them on once frozen) and a
+//! client reading urgent data out of band (its counters skip urgent bytes the datapath does
+//! not track) get reply `0x83`, which the library answers with a plain RECONNECT; a RECONNECT
+//! after a FIN or RST went through the splice gets `0x01`. Where a session cannot be spliced
+//! at all it runs on the relay engine ([`crate::mobile`]), and the log says why.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use msocks_proto::resplice::{offset, resplice};
+use msocks_proto::{
+    MobilityOptions, Reply, ReplyCode, ReplyExtension, SessionPosition, TargetAddr,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::config::EngineKind;
+use crate::mobile::Start;
+use crate::registry::Attach;
+use crate::relay::Traffic;
+use crate::server::Shared;
+use crate::session::{send_reply, Client};
+
+/// How often a live splice's counters and state are read.
+const POLL: Duration = Duration::from_millis(100);
+/// How long a finished splice's entries stay (see `kernel.rs`).
+const LINGER: Duration = Duration::from_secs(2);
+/// The largest TCP window (2^30 with window scaling): the server cannot have sent more than
+/// this beyond what the mobile node acknowledged.
+const MAX_WINDOW: u64 = 1 << 30;
+
+/// A session this engine gives back to the relay engine, with where its streams stand.
+pub(crate) struct Fallback {
+    /// The mobile-side connection.
+    pub(crate) stream: TcpStream,
+    /// The server-side connection.
+    pub(crate) server: TcpStream,
+    /// What has moved so far.
+    pub(crate) start: Start,
+}
+
+/// Runs an MSOCKS session on the kernel engine when it is configured and the session can be
+/// spliced; otherwise hands it back for the relay engine. Returns the reason it ended.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn run(
+    shared: &Shared,
+    client: &Client,
+    traffic: &Traffic,
+    options: MobilityOptions,
+    stream: TcpStream,
+    mut server: TcpStream,
+    early: &[u8],
+    attach_rx: &mut mpsc::Receiver<Attach>,
+) -> Result<String, Fallback> {
+    if shared.config.engine.kind != EngineKind::Kernel {
+        info!(session = client.id, engine = "relay", "engine");
+        return Err(Fallback {
+            stream,
+            server,
+            start: Start::fresh(early),
+        });
+    }
+    if !options.oob_inline {
+        info!(
+            session = client.id,
+            engine = "relay",
+            reason = "the client reads urgent data out of band",
+            "engine: not spliced"
+        );
+        return Err(Fallback {
+            stream,
+            server,
+            start: Start::fresh(early),
+        });
+    }
+    if !early.is_empty() {
+        if let Err(e) = server.write_all(early).await {
+            return Ok(format!("writing the client's early data: {e}"));
+        }
+        traffic.up.fetch_add(early.len() as u64, Ordering::Relaxed);
+    }
+    linux::run(
+        shared,
+        client,
+        traffic,
+        options,
+        stream,
+        server,
+        early.len() as u64,
+        attach_rx,
+    )
+    .await
+}
+
+#[cfg(not(target_os = "linux"))]
+mod linux {
+    use super::*;
+
+    /// No kernel engine off Linux: the relay engine runs the session.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn run(
+        _shared: &Shared,
+        client: &Client,
+        _traffic: &Traffic,
+        _options: MobilityOptions,
+        stream: TcpStream,
+        server: TcpStream,
+        up_written: u64,
+        _attach_rx: &mut mpsc::Receiver<Attach>,
+    ) -> Result<String, Fallback> {
+        info!(
+            session = client.id,
+            engine = "relay",
+            reason = "the kernel engine needs Linux",
+            "engine: not spliced"
+        );
+        Err(Fallback {
+            stream,
+            server,
+            start: Start {
+                up_written,
+                down_written: 0,
+                up_pending: Vec::new(),
+                down_pending: Vec::new(),
+            },
+        })
+    }
+}
+
+#[cfg(target_os = "linux")]
+mod linux {
+    use super::*;
+    use msocks_splice::maps::{EV_FIN, EV_FIN_ACKED, EV_RST};
+    use msocks_splice::{Spliced, Status};
+
+    /// A 64-bit stream offset followed through a 32-bit counter relative to a splice point.
+    #[derive(Debug, Clone, Copy)]
+    struct Extended {
+        /// Stream offset of the splice point.
+        base: u64,
+        /// The counter's last value (relative to the splice point, modulo 2^32).
+        last: u32,
+        /// Everything that passed the splice point, in bytes.
+        ahead: u64,
+    }
+
+    impl Extended {
+        fn at(base: u64) -> Extended {
+            Extended {
+                base,
+                last: 0,
+                ahead: 0,
+            }
+        }
+
+        /// Takes a new reading; counters only grow, by less than 2^31 between readings.
+        fn update(&mut self, now: u32) {
+            self.ahead += u64::from(now.wrapping_sub(self.last));
+            self.last = now;
+        }
+
+        fn value(&self) -> u64 {
+            self.base + self.ahead
+        }
+    }
+
+    /// A spliced session's counters, as stream offsets.
+    struct Counters {
+        /// Server → client bytes the mobile node acknowledged (`snd_una_C`).
+        down_acked: Extended,
+        /// Server → client bytes the splice sent (`snd_nxt_C`).
+        down_sent: Extended,
+        /// Client → server bytes the server acknowledged (`snd_una_D`).
+        up_acked: Extended,
+    }
+
+    impl Counters {
+        fn at(down: u64, up: u64) -> Counters {
+            Counters {
+                down_acked: Extended::at(down),
+                down_sent: Extended::at(down),
+                up_acked: Extended::at(up),
+            }
+        }
+
+        fn read(&mut self, sp: &Spliced) -> Result<(), msocks_splice::Error> {
+            let (c, s) = sp.acked_since_splice()?;
+            let sent = sp.sent_down_since_splice()?;
+            self.down_acked.update(c);
+            self.up_acked.update(s);
+            self.down_sent.update(sent);
+            Ok(())
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn run(
+        shared: &Shared,
+        client: &Client,
+        traffic: &Traffic,
+        options: MobilityOptions,
+        stream: TcpStream,
+        server: TcpStream,
+        up_written: u64,
+        attach_rx: &mut mpsc::Receiver<Attach>,
+    ) -> Result<String, Fallback> {
+        let bound = server
+            .local_addr()
+            .map(TargetAddr::Ip)
+            .unwrap_or(TargetAddr::UNSPECIFIED);
+        let (c, s) = match (stream.into_std(), server.into_std()) {
+            (Ok(c), Ok(s)) => (c, s),
+            // into_std fails only when deregistering from the reactor fails; the sockets
+            // are gone with the error.
+            (Err(e), _) | (_, Err(e)) => return Ok(format!("kernel engine: {e}")),
+        };
+        let interfaces = shared.config.engine.interfaces.clone();
+        let drain = shared.config.engine.drain_timeout;
+        let attempt =
+            tokio::task::spawn_blocking(move || match crate::kernel::engine(&interfaces) {
+                Some(e) => e.splice(c, s, drain),
+                None => Err(Box::new(msocks_splice::Refused {
+                    error: msocks_splice::Error::Unavailable,
+                    client: c,
+                    server: s,
+                    pending_to_server: Vec::new(),
+                    pending_to_client: Vec::new(),
+                    drained: (0, 0),
+                })),
+            })
+            .await;
+        let spliced = match attempt {
+            Ok(Ok(sp)) => sp,
+            Ok(Err(refused)) => {
+                let r = *refused;
+                info!(session = client.id, engine = "relay", reason = %r.error, "engine: not spliced");
+                let back = r
+                    .client
+                    .set_nonblocking(true)
+                    .and_then(|()| r.server.set_nonblocking(true))
+                    .and_then(|()| {
+                        Ok((
+                            TcpStream::from_std(r.client)?,
+                            TcpStream::from_std(r.server)?,
+                        ))
+                    });
+                let (stream, server) = match back {
+                    Ok(pair) => pair,
+                    Err(e) => return Ok(format!("kernel engine fallback: {e}")),
+                };
+                traffic.up.fetch_add(r.drained.0, Ordering::Relaxed);
+                traffic.down.fetch_add(r.drained.1, Ordering::Relaxed);
+                return Err(Fallback {
+                    stream,
+                    server,
+                    start: Start {
+                        up_written: up_written + r.drained.0,
+                        down_written: r.drained.1,
+                        up_pending: r.pending_to_server,
+                        down_pending: r.pending_to_client,
+                    },
+                });
+            }
+            Err(e) => return Ok(format!("kernel engine task: {e}")),
+        };
+        info!(session = client.id, engine = "kernel", "engine: spliced");
+        let (drained_up, drained_down) = spliced.drained();
+        let session = KernelSession {
+            shared,
+            client,
+            options,
+            bound,
+            counters: Counters::at(drained_down, up_written + drained_up),
+            spliced: Some(spliced),
+            moves: 0,
+        };
+        Ok(session.run(attach_rx, traffic).await)
+    }
+
+    struct KernelSession<'a> {
+        shared: &'a Shared,
+        client: &'a Client,
+        options: MobilityOptions,
+        /// The proxy's address on the server-side connection, for RECONNECT replies.
+        bound: TargetAddr,
+        counters: Counters,
+        /// Always `Some` between calls; taken while a blocking step owns it.
+        spliced: Option<Spliced>,
+        moves: u64,
+    }
+
+    impl KernelSession<'_> {
+        async fn run(
+            mut self,
+            attach_rx: &mut mpsc::Receiver<Attach>,
+            traffic: &Traffic,
+        ) -> String {
+            let idle_timeout = self.shared.config.limits.idle_timeout;
+            let mut last_packets = 0u64;
+            let mut last_move = tokio::time::Instant::now();
+            let end = loop {
+                let Some(sp) = self.spliced.as_ref() else {
+                    break "kernel splice lost".to_owned();
+                };
+                tokio::select! {
+                    () = self.shared.abort.cancelled() => break "proxy shutdown".to_owned(),
+                    a = attach_rx.recv() => match a {
+                        Some(a) => {
+                            if let Err(end) = self.attach(a).await {
+                                break end;
+                            }
+                            last_move = tokio::time::Instant::now();
+                        }
+                        None => break "session table closed".to_owned(),
+                    },
+                    () = tokio::time::sleep(POLL) => {
+                        if let Err(e) = self.counters.read(sp) {
+                            break format!("kernel splice: {e}");
+                        }
+                        match sp.status() {
+                            Ok(Status::Finished) => {
+                                tokio::time::sleep(LINGER).await;
+                                break "closed by both ends (kernel splice)".to_owned();
+                            }
+                            Ok(Status::Active) => {
+                                let packets = sp
+                                    .entries()
+                                    .map(|(up, down)| up.packets.wrapping_add(down.packets))
+                                    .unwrap_or(last_packets);
+                                if packets != last_packets {
+                                    last_packets = packets;
+                                    last_move = tokio::time::Instant::now();
+                                } else if !idle_timeout.is_zero() && last_move.elapsed() >= idle_timeout {
+                                    break "idle timeout (kernel splice)".to_owned();
+                                }
+                            }
+                            Err(e) => break format!("kernel splice: {e}"),
+                        }
+                    }
+                }
+            };
+            if let Some(sp) = self.spliced.take() {
+                let _ = self.counters.read(&sp);
+                // Each FIN acknowledged counts one in the ACK numbers, not a byte.
+                let fins = sp
+                    .entries()
+                    .map(|(up, down)| {
+                        (
+                            u64::from(up.events & EV_FIN_ACKED != 0),
+                            u64::from(down.events & EV_FIN_ACKED != 0),
+                        )
+                    })
+                    .unwrap_or((0, 0));
+                traffic.up.fetch_add(
+                    self.counters.up_acked.value().saturating_sub(fins.0),
+                    Ordering::Relaxed,
+                );
+                traffic.down.fetch_add(
+                    self.counters.down_acked.value().saturating_sub(fins.1),
+                    Ordering::Relaxed,
+                );
+                // Entries removed, frozen sockets closed without a segment.
+                sp.teardown();
+            }
+            format!("{end}; moves={}", self.moves)
+        }
+
+        /// Handles one RECONNECT. `Err` ends the session (with its reason).
+        async fn attach(&mut self, mut a: Attach) -> Result<(), String> {
+            let id = self.client.id;
+            if a.resend_from.is_some() || !a.oob_inline {
+                let why = if a.resend_from.is_some() {
+                    "early resend"
+                } else {
+                    "out-of-band urgent data"
+                };
+                let _ = send_reply(
+                    &mut a.stream,
+                    &Reply::failure(ReplyCode::MsocksVersionNotSupported),
+                )
+                .await;
+                info!(session = id, from = %a.peer, reason = why, "RECONNECT refused on a kernel-spliced session (0x83); session unchanged");
+                let _ = a
+                    .done
+                    .send(Err(format!("{why} is not taken by the kernel engine")));
+                return Ok(());
+            }
+            let Some(sp) = self.spliced.as_ref() else {
+                return Err("kernel splice lost".into());
+            };
+            let closing = sp
+                .entries()
+                .map(|(up, down)| (up.events | down.events) & (EV_FIN | EV_RST) != 0)
+                .unwrap_or(true);
+            if closing {
+                let _ = send_reply(&mut a.stream, &Reply::failure(ReplyCode::GeneralFailure)).await;
+                warn!(session = id, from = %a.peer, "RECONNECT refused: a FIN or RST already went through the kernel splice (0x01)");
+                let _ = a
+                    .done
+                    .send(Err("the spliced connections are closing".into()));
+                return Ok(());
+            }
+
+            // Stop the datapath and read where each side stands (final: nothing moves now).
+            let Some(mut sp) = self.spliced.take() else {
+                return Err("kernel splice lost".into());
+            };
+            let stopped = tokio::task::spawn_blocking(move || {
+                let r = sp.suspend().map(|_| ());
+                (sp, r)
+            })
+            .await;
+            let (sp, stopped) = match stopped {
+                Ok(pair) => pair,
+                Err(e) => return Err(format!("kernel engine task: {e}")),
+            };
+            let read = stopped.and_then(|()| self.counters.read(&sp));
+            self.spliced = Some(sp);
+            if let Err(e) = read {
+                return Err(format!("kernel splice: {e}"));
+            }
+            let pos = SessionPosition {
+                read_origin: self.options.read_origin,
+                write_origin: self.options.write_origin,
+                down_sent: self.counters.down_sent.value(),
+                down_acked: self.counters.down_acked.value(),
+                up_received: self.counters.up_acked.value(),
+            };
+            let splice = match resplice(&pos, a.data_read, a.data_written) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = self.sp().map(|sp| sp.unsuspend());
+                    let _ =
+                        send_reply(&mut a.stream, &Reply::failure(ReplyCode::BadCounters)).await;
+                    warn!(session = id, from = %a.peer, error = %e, position = ?pos, "RECONNECT refused: impossible counters (0x81); session unchanged");
+                    let _ = a.done.send(Err(format!("impossible counters: {e}")));
+                    return Ok(());
+                }
+            };
+            let read = offset(a.data_read, self.options.read_origin);
+            if read > pos.down_acked + MAX_WINDOW {
+                // resplice() checked read against what the splice sent; this cannot happen.
+                let _ = self.sp().map(|sp| sp.unsuspend());
+                let _ = send_reply(&mut a.stream, &Reply::failure(ReplyCode::BadCounters)).await;
+                let _ = a.done.send(Err("data_read beyond a TCP window".into()));
+                return Ok(());
+            }
+            let down_ahead = (splice.resume_down_at - pos.down_acked) as u32;
+            let mut reply = Vec::new();
+            Reply {
+                code: ReplyCode::Succeeded,
+                bound: self.bound.clone(),
+                extension: ReplyExtension::Resume(splice.counters),
+            }
+            .encode(&mut reply);
+            let new = match a.stream.into_std() {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = self.sp().map(|sp| sp.unsuspend());
+                    let _ = a.done.send(Err(format!("new connection: {e}")));
+                    return Ok(());
+                }
+            };
+            let Some(sp) = self.spliced.take() else {
+                return Err("kernel splice lost".into());
+            };
+            let timeout = self.shared.config.limits.handshake_timeout;
+            let drain = self.shared.config.engine.drain_timeout;
+            // HOLD the new connection, reply, and splice it once the reply is acknowledged
+            // (blocking steps: off the reactor).
+            let moved = tokio::task::spawn_blocking(move || {
+                move_splice(sp, new, &reply, down_ahead, timeout, drain)
+            })
+            .await;
+            let moved = match moved {
+                Ok(m) => m,
+                Err(e) => return Err(format!("kernel engine task: {e}")),
+            };
+            match moved {
+                Moved::Done(sp) => {
+                    self.spliced = Some(sp);
+                    self.counters = Counters::at(splice.resume_down_at, pos.up_received);
+                    self.moves += 1;
+                    let summary = format!(
+                        "resumed at {} (to {}): data_salvage={} data_write={} moves={} (kernel splice)",
+                        splice.resume_down_at,
+                        a.peer,
+                        splice.counters.data_salvage,
+                        splice.counters.data_write,
+                        self.moves
+                    );
+                    info!(session = id, to = %a.peer, resume_at = splice.resume_down_at,
+                        data_salvage = splice.counters.data_salvage, data_write = splice.counters.data_write,
+                        moves = self.moves, "session resumed on a new connection (kernel splice)");
+                    let _ = a.done.send(Ok(summary));
+                }
+                Moved::NotReplied(sp, why) => {
+                    // The client was not told anything: the session goes on as it was.
+                    let _ = sp.unsuspend();
+                    self.spliced = Some(sp);
+                    let _ = a.done.send(Err(why));
+                }
+                Moved::Failed(sp, why) => {
+                    // The client was told to resume here, and the new connection is closed:
+                    // the session stays stopped until the client's next RECONNECT, which
+                    // starts from the same (final) counters.
+                    warn!(session = id, from = %a.peer, reason = %why, "kernel resplice failed after the reply; waiting for another RECONNECT");
+                    self.spliced = Some(sp);
+                    let _ = a.done.send(Err(why));
+                }
+            }
+            Ok(())
+        }
+
+        fn sp(&self) -> Result<&Spliced, msocks_splice::Error> {
+            self.spliced
+                .as_ref()
+                .ok_or(msocks_splice::Error::Unavailable)
+        }
+    }
+
+    /// How a move ended.
+    enum Moved {
+        /// Spliced to the new connection.
+        Done(Spliced),
+        /// Nothing was sent to the client.
+        NotReplied(Spliced, String),
+        /// The reply went out but the new connection could not be spliced.
+        Failed(Spliced, String),
+    }
+
+    /// The blocking part of a move: HOLD, reply, resplice.
+    fn move_splice(
+        sp: Spliced,
+        new: std::net::TcpStream,
+        reply: &[u8],
+        down_ahead: u32,
+        timeout: Duration,
+        drain: Duration,
+    ) -> Moved {
+        use std::io::Write;
+        if let Err(e) = sp.prepare_client(&new) {
+            return Moved::NotReplied(sp, format!("holding the new connection: {e}"));
+        }
+        let sent = new
+            .set_nonblocking(false)
+            .and_then(|()| new.set_write_timeout(Some(timeout)))
+            .and_then(|()| (&new).write_all(reply));
+        if let Err(e) = sent {
+            sp.forget_client(&new);
+            return Moved::NotReplied(sp, format!("writing the reply: {e}"));
+        }
+        match sp.resplice_client(new, down_ahead, drain) {
+            Ok(sp) => Moved::Done(sp),
+            Err(b) => {
+                let (e, sp) = *b;
+                Moved::Failed(sp, format!("resplicing: {e}"))
+            }
+        }
+    }
+}
