@@ -85,6 +85,18 @@ async fn spliced(
     }
 }
 
+/// Loads the kernel engine now when it is configured (a no-op otherwise, and off Linux, where
+/// the first session logs the fallback).
+pub(crate) async fn preload(shared: &Shared) {
+    #[cfg(target_os = "linux")]
+    if shared.config.engine.kind == EngineKind::Kernel {
+        let interfaces = shared.config.engine.interfaces.clone();
+        let _ = tokio::task::spawn_blocking(move || engine(&interfaces).is_some()).await;
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = shared;
+}
+
 #[cfg(target_os = "linux")]
 static ENGINE: std::sync::OnceLock<Option<msocks_splice::Engine>> = std::sync::OnceLock::new();
 

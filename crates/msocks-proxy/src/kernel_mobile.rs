@@ -147,7 +147,8 @@ mod linux {
 #[cfg(target_os = "linux")]
 mod linux {
     use super::*;
-    use msocks_splice::maps::{EV_FIN, EV_FIN_ACKED, EV_RST};
+    use msocks_splice::maps::EV_RST;
+    use msocks_splice::splice::StreamCounts;
     use msocks_splice::{Spliced, Status};
 
     /// A 64-bit stream offset followed through a 32-bit counter relative to a splice point.
@@ -189,6 +190,8 @@ mod linux {
         down_sent: Extended,
         /// Client → server bytes the server acknowledged (`snd_una_D`).
         up_acked: Extended,
+        /// The last reading (for its FIN flags).
+        last: StreamCounts,
     }
 
     impl Counters {
@@ -197,15 +200,16 @@ mod linux {
                 down_acked: Extended::at(down),
                 down_sent: Extended::at(down),
                 up_acked: Extended::at(up),
+                last: StreamCounts::default(),
             }
         }
 
         fn read(&mut self, sp: &Spliced) -> Result<(), msocks_splice::Error> {
-            let (c, s) = sp.acked_since_splice()?;
-            let sent = sp.sent_down_since_splice()?;
-            self.down_acked.update(c);
-            self.up_acked.update(s);
-            self.down_sent.update(sent);
+            let c = sp.stream_counts()?;
+            self.down_acked.update(c.down_acked);
+            self.up_acked.update(c.up_acked);
+            self.down_sent.update(c.down_sent);
+            self.last = c;
             Ok(())
         }
     }
@@ -358,24 +362,13 @@ mod linux {
             };
             if let Some(sp) = self.spliced.take() {
                 let _ = self.counters.read(&sp);
-                // Each FIN acknowledged counts one in the ACK numbers, not a byte.
-                let fins = sp
-                    .entries()
-                    .map(|(up, down)| {
-                        (
-                            u64::from(up.events & EV_FIN_ACKED != 0),
-                            u64::from(down.events & EV_FIN_ACKED != 0),
-                        )
-                    })
-                    .unwrap_or((0, 0));
-                traffic.up.fetch_add(
-                    self.counters.up_acked.value().saturating_sub(fins.0),
-                    Ordering::Relaxed,
-                );
-                traffic.down.fetch_add(
-                    self.counters.down_acked.value().saturating_sub(fins.1),
-                    Ordering::Relaxed,
-                );
+                // What each side acknowledged: the session's bytes, end to end.
+                traffic
+                    .up
+                    .fetch_add(self.counters.up_acked.value(), Ordering::Relaxed);
+                traffic
+                    .down
+                    .fetch_add(self.counters.down_acked.value(), Ordering::Relaxed);
                 // Entries removed, frozen sockets closed without a segment.
                 sp.teardown();
             }
@@ -405,16 +398,16 @@ mod linux {
             let Some(sp) = self.spliced.as_ref() else {
                 return Err("kernel splice lost".into());
             };
-            let closing = sp
+            let reset = sp
                 .entries()
-                .map(|(up, down)| (up.events | down.events) & (EV_FIN | EV_RST) != 0)
+                .map(|(up, down)| (up.events | down.events) & EV_RST != 0)
                 .unwrap_or(true);
-            if closing {
+            if reset {
                 let _ = send_reply(&mut a.stream, &Reply::failure(ReplyCode::GeneralFailure)).await;
-                warn!(session = id, from = %a.peer, "RECONNECT refused: a FIN or RST already went through the kernel splice (0x01)");
+                warn!(session = id, from = %a.peer, "RECONNECT refused: a RST went through the kernel splice (0x01)");
                 let _ = a
                     .done
-                    .send(Err("the spliced connections are closing".into()));
+                    .send(Err("the spliced connections were reset".into()));
                 return Ok(());
             }
 
@@ -463,6 +456,10 @@ mod linux {
                 return Ok(());
             }
             let down_ahead = (splice.resume_down_at - pos.down_acked) as u32;
+            // The server's FIN was acknowledged by the client: the server will not send it
+            // again, so the proxy ends the new connection's down direction itself, right
+            // after the reply (the client expects the end of the stream there too).
+            let fin = self.counters.last.down_fin_acked;
             let mut reply = Vec::new();
             Reply {
                 code: ReplyCode::Succeeded,
@@ -486,7 +483,7 @@ mod linux {
             // HOLD the new connection, reply, and splice it once the reply is acknowledged
             // (blocking steps: off the reactor).
             let moved = tokio::task::spawn_blocking(move || {
-                move_splice(sp, new, &reply, down_ahead, timeout, drain)
+                move_splice(sp, new, &reply, fin, down_ahead, timeout, drain)
             })
             .await;
             let moved = match moved {
@@ -551,6 +548,7 @@ mod linux {
         sp: Spliced,
         new: std::net::TcpStream,
         reply: &[u8],
+        fin: bool,
         down_ahead: u32,
         timeout: Duration,
         drain: Duration,
@@ -562,7 +560,14 @@ mod linux {
         let sent = new
             .set_nonblocking(false)
             .and_then(|()| new.set_write_timeout(Some(timeout)))
-            .and_then(|()| (&new).write_all(reply));
+            .and_then(|()| (&new).write_all(reply))
+            .and_then(|()| {
+                if fin {
+                    new.shutdown(std::net::Shutdown::Write)
+                } else {
+                    Ok(())
+                }
+            });
         if let Err(e) = sent {
             sp.forget_client(&new);
             return Moved::NotReplied(sp, format!("writing the reply: {e}"));

@@ -179,6 +179,9 @@ impl Proxy {
     /// Serves until `shutdown` completes, then stops accepting, gives live sessions
     /// `limits.shutdown_grace` to finish, ends the rest, and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        // The kernel engine loads (and the verifier runs) before the first client, not during
+        // its session, which would wait for it.
+        crate::kernel::preload(&self.shared).await;
         let tracker = TaskTracker::new();
         let stop_accepting = CancellationToken::new();
         for listener in self.listeners {

@@ -301,6 +301,8 @@ static __always_inline int strip_ip_options(struct __sk_buff *skb, __u32 l3_off,
  * relative to the TCP header (payload starts at doff, a multiple of 4).
  * Returns the sum, or -1 (also for more than 10 KiB). Global, so the
  * verifier checks the loop once, not once per path of the caller. */
+#define PAYLOAD_SUM_MAX (40 * 256)
+
 __attribute__((noinline)) long payload_sum(struct __sk_buff *skb, __u32 off, __u32 len)
 {
 	__u32 zero = 0;
@@ -313,7 +315,7 @@ __attribute__((noinline)) long payload_sum(struct __sk_buff *skb, __u32 off, __u
 	__u8 *buf = sc->b;
 	/* 40 chunks: 10 KiB, more than a jumbo frame's payload. Longer (GSO)
 	 * payloads are refused, and the segment dropped instead. */
-	if (len > 40 * 256)
+	if (len > PAYLOAD_SUM_MAX)
 		return -1;
 	for (int i = 0; i < 40 && len; i++) {
 		__u32 n = len > 256 ? 256 : len;
@@ -342,12 +344,21 @@ static __always_inline int chop_payload(struct __sk_buff *skb, __u8 family, __u3
 					__u32 l4_off, __u32 doff, __u32 len)
 {
 	__u32 csum_off = l4_off + offsetof(struct tcphdr, check);
-	long sum = payload_sum(skb, l4_off + doff, len);
-	if (sum < 0)
-		return -1;
-	/* Subtract the payload: add its complement as a precomputed diff. */
-	if (bpf_l4_csum_replace(skb, csum_off, 0, ~(__u32)sum, 0) < 0)
-		return -1;
+	/* Payloads longer than payload_sum() can add up are GSO packets (a
+	 * local sender's TSO over veth, or GRO): their checksum is
+	 * CHECKSUM_PARTIAL (the field holds only the pseudo-header's sum) or
+	 * already verified, so the payload is not in the field to take out.
+	 * Only the length changes below. (A GRO packet with CHECKSUM_COMPLETE
+	 * would then fail the stack's check and be dropped, as it was before;
+	 * its sender retransmits.) */
+	if (len <= PAYLOAD_SUM_MAX) {
+		long sum = payload_sum(skb, l4_off + doff, len);
+		if (sum < 0)
+			return -1;
+		/* Subtract the payload: add its complement as a precomputed diff. */
+		if (bpf_l4_csum_replace(skb, csum_off, 0, ~(__u32)sum, 0) < 0)
+			return -1;
+	}
 	__be16 old_l4 = bpf_htons(doff + len), new_l4 = bpf_htons(doff);
 	if (bpf_l4_csum_replace(skb, csum_off, old_l4, new_l4, BPF_F_PSEUDO_HDR | 2) < 0)
 		return -1;
@@ -469,7 +480,7 @@ int splice_ingress(struct __sk_buff *skb)
 			 * waits for (a peer that is sending piggybacks its ACKs):
 			 * pass the segment up without its payload. Its sender
 			 * still retransmits the payload, which nobody
-			 * acknowledged. Too long (GSO) to chop: dropped whole. */
+			 * acknowledged. One that cannot be chopped is dropped whole. */
 			if (chop_payload(skb, family, l3_off, l4_off, doff, payload) < 0)
 				return drop(v, STAT_HELD_DROP);
 			stat(STAT_HELD_CHOPPED);

@@ -71,6 +71,43 @@ pub enum Status {
     Finished,
 }
 
+/// How far each stream has gone through a splice since its splice point,
+/// in bytes modulo 2^32 (FINs not counted), and where each FIN is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StreamCounts {
+    /// Server → client bytes the client has acknowledged (`snd_una_C`).
+    pub down_acked: u32,
+    /// Server → client bytes the splice has sent the client (`snd_nxt_C`).
+    pub down_sent: u32,
+    /// Client → server bytes the server has acknowledged (`snd_una_D`).
+    pub up_acked: u32,
+    /// The server's FIN went through this splice.
+    pub down_fin: bool,
+    /// ... and the client acknowledged it.
+    pub down_fin_acked: bool,
+    /// The client's FIN went through this splice.
+    pub up_fin: bool,
+    /// ... and the server acknowledged it.
+    pub up_fin_acked: bool,
+}
+
+/// `(fin passed after the splice point, fin acknowledged)` for one
+/// direction whose outgoing splice point is `base`, as the peer's highest
+/// ACK `ack` (same space) says.
+fn fin_state(v: &SpliceVal, base: u32, ack: u32) -> (bool, bool) {
+    let end = (v.events & crate::maps::EV_FIN != 0).then_some(v.fin_end);
+    fin_at(end, base, ack)
+}
+
+/// [`fin_state`] for a FIN whose end (sequence number past it) is `end`.
+fn fin_at(end: Option<u32>, base: u32, ack: u32) -> (bool, bool) {
+    // A FIN at the splice point itself came before the splice (a FIN the
+    // proxy sent on a new connection of a session whose server had closed).
+    let fin = end.is_some_and(|e| crate::mapping::seq_before(base, e));
+    let acked = fin && end.is_some_and(|e| !crate::mapping::seq_before(ack, e));
+    (fin, acked)
+}
+
 /// The basepoints and counters of an installed splice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Basepoints {
@@ -98,6 +135,11 @@ pub struct Spliced {
     retired: Option<(SpliceKey, TcpStream)>,
     /// This splice's `splice_ctl` word.
     slot: u32,
+    /// Where the client's FIN ends in the server connection's sequence
+    /// space, once a splice of this session forwarded it. The server
+    /// connection outlives resplices, and the server's ACK of a FIN an
+    /// earlier splice forwarded may come through a later one.
+    up_fin_end: Option<u32>,
 }
 
 /// How long [`Spliced::suspend`] waits after stopping the datapath before
@@ -338,6 +380,10 @@ pub fn splice_with(
     let (c_state, s_state, drained) = match frozen {
         Ok(s) => s,
         Err((error, pending)) => {
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                let stats = lock(datapath).stats();
+                tracing::debug!(%error, ?stats, "splice abandoned");
+            }
             remove_entries();
             // Out of repair mode (if we got that far) without a window
             // probe; errors here leave the socket as it was.
@@ -429,6 +475,7 @@ pub fn splice_with(
         drained,
         retired: None,
         slot,
+        up_fin_end: None,
     })
 }
 
@@ -556,6 +603,18 @@ fn drain(
             }
         }
         if Instant::now() >= deadline {
+            let q = |s: &TcpStream| {
+                (
+                    repair::inq(s.as_fd()).unwrap_or(u32::MAX),
+                    repair::outq(s.as_fd()).unwrap_or(u32::MAX),
+                )
+            };
+            tracing::debug!(
+                client_in_out = ?q(client),
+                server_in_out = ?q(server),
+                pending = ?(pending.to_server.len(), pending.to_client.len()),
+                "drain timed out"
+            );
             return Err(Error::DrainTimeout);
         }
         if !moved {
@@ -661,13 +720,33 @@ impl Spliced {
         ))
     }
 
-    /// How far the splice has sent the server's stream to the client since
-    /// the splice point (the proxy's `snd_nxt` on the client connection,
-    /// relative; a FIN counts one), modulo 2^32. A RECONNECT's `data_read`
-    /// cannot lie beyond it.
-    pub fn sent_down_since_splice(&self) -> Result<u32, Error> {
-        let (_, down) = self.entries()?;
-        Ok(down.seq_max.wrapping_sub(self.basepoints.client.snd_nxt))
+    /// How far the streams have gone since the splice point, in bytes
+    /// (FINs not counted), and where their FINs are: what a RECONNECT on
+    /// this engine starts from. A caller polling more often than every
+    /// 2 GiB per direction extends the counts to 64 bits.
+    pub fn stream_counts(&self) -> Result<StreamCounts, Error> {
+        let (up, down) = self.entries()?;
+        let c_base = self.basepoints.client.snd_nxt;
+        let s_base = self.basepoints.server.snd_nxt;
+        // `up` carries the client's ACKs and FIN, `down` the server's.
+        let (down_fin, down_fin_acked) = fin_state(&down, c_base, up.last_ack);
+        let (up_fin, up_fin_acked) = fin_at(self.up_fin_end_with(&up), s_base, down.last_ack);
+        let down_sent = down.seq_max.wrapping_sub(c_base);
+        Ok(StreamCounts {
+            down_acked: up
+                .last_ack
+                .wrapping_sub(c_base)
+                .wrapping_sub(u32::from(down_fin_acked)),
+            down_sent: down_sent.wrapping_sub(u32::from(down_fin)),
+            up_acked: down
+                .last_ack
+                .wrapping_sub(s_base)
+                .wrapping_sub(u32::from(up_fin_acked)),
+            down_fin,
+            down_fin_acked,
+            up_fin,
+            up_fin_acked,
+        })
     }
 
     /// Bytes the drain copied between the sockets before the splice
@@ -803,6 +882,11 @@ impl Spliced {
                 let datapath = Arc::clone(&self.datapath);
                 let to_client = self.to_client;
                 let slot = self.slot;
+                // The old entries are stopped: what they say of the client's FIN is final.
+                let up_fin_end = match self.entries() {
+                    Ok((up, _)) => self.up_fin_end_with(&up),
+                    Err(_) => self.up_fin_end,
+                };
                 // `self` is spent: its sockets moved out (so its `Drop`
                 // releases nothing), its keys now belong to the new splice.
                 drop(self);
@@ -816,6 +900,7 @@ impl Spliced {
                     drained,
                     retired,
                     slot,
+                    up_fin_end,
                 })
             }
             Err(e) => {
@@ -839,18 +924,31 @@ impl Spliced {
         timeout: Duration,
     ) -> Result<(SpliceVal, SpliceVal, Basepoints), Error> {
         let (up, down) = self.entries()?;
-        if (up.events | down.events) & (EV_RST | crate::maps::EV_FIN) != 0 {
+        if (up.events | down.events) & EV_RST != 0 {
             return Err(Error::Incompatible(
-                "the spliced connections are closing".into(),
+                "the spliced connections were reset".into(),
             ));
         }
+        let (_, down_fin_acked) = fin_state(&down, self.basepoints.client.snd_nxt, up.last_ack);
+        let (_, up_fin_acked) = fin_at(
+            self.up_fin_end_with(&up),
+            self.basepoints.server.snd_nxt,
+            down.last_ack,
+        );
         let old_server = self.basepoints.server;
         let old_fwd = DirMap::new(&self.basepoints.client, &old_server);
         // Where the server's connection resumes, in its sequence space:
         // the next byte the server expects (its highest ACK), and the next
         // byte of the server's the client has not received (its highest
         // ACK, mapped, plus what it received unacknowledged).
-        let b_up = down.last_ack;
+        // A FIN of the client's the server acknowledged: the client sends
+        // it again on the new connection (PROTOCOL.md 3.7), and it must
+        // land on the same sequence number.
+        let b_up = down.last_ack.wrapping_sub(u32::from(up_fin_acked));
+        // A FIN of the server's the client acknowledged is past the resume
+        // point (the server will not send it again); the caller has sent
+        // the client a FIN of its own on the new connection, so both sides
+        // are past it.
         let b_down = old_fwd.ack(up.last_ack).wrapping_add(down_ahead);
 
         let c_info = repair::info(client.as_fd()).map_err(sock_err("TCP_INFO"))?;
@@ -865,9 +963,18 @@ impl Spliced {
                 "the new client connection negotiated other options".into(),
             ));
         }
-        if c_info.state != 1 {
+        // ESTABLISHED, or FIN_WAIT1/2 after the FIN the caller sent for a
+        // server that had closed.
+        let fin_sent = matches!(c_info.state, 4 | 5);
+        if c_info.state != 1 && !(fin_sent && down_fin_acked) {
+            return Err(Error::Incompatible(format!(
+                "the new client connection is in TCP state {}, not ESTABLISHED",
+                c_info.state
+            )));
+        }
+        if down_fin_acked && !fin_sent {
             return Err(Error::Incompatible(
-                "the new client connection is not ESTABLISHED".into(),
+                "the server had closed and the new client connection got no FIN".into(),
             ));
         }
         let optlen = if c_info.options & TCPI_OPT_TIMESTAMPS != 0 {
@@ -955,7 +1062,7 @@ impl Spliced {
             &s_state,
             up.out_ifindex,
         );
-        let v_rev = value(
+        let mut v_rev = value(
             STATE_ACTIVE,
             opts,
             &rev,
@@ -965,6 +1072,22 @@ impl Spliced {
             &c_state,
             c_ifindex,
         );
+        let mut v_fwd = v_fwd;
+        if up_fin_acked {
+            // The server acknowledged the client's FIN, which now lies just past the new
+            // splice point (b_up): recorded as passed and acknowledged, so that the counts
+            // do not take the server's ACK of it for a byte before the client's repeated
+            // FIN comes through (it may have met the HOLD state and be retransmitted later).
+            v_fwd.events = crate::maps::EV_FIN | EV_FIN_ACKED;
+            v_fwd.fin_end = b_up.wrapping_add(1);
+        }
+        if down_fin_acked {
+            // The server → client direction is over (its FIN is behind the
+            // splice point): recorded so that the splice ends when the
+            // client's FIN is acknowledged too.
+            v_rev.events = crate::maps::EV_FIN | EV_FIN_ACKED;
+            v_rev.fin_end = c_state.snd_nxt;
+        }
         Ok((
             v_fwd,
             v_rev,
@@ -973,6 +1096,16 @@ impl Spliced {
                 server: s_state,
             },
         ))
+    }
+
+    /// The end of the client's FIN in the server's sequence space, from
+    /// this splice's client → server entry or an earlier splice's.
+    fn up_fin_end_with(&self, up: &SpliceVal) -> Option<u32> {
+        if up.events & crate::maps::EV_FIN != 0 {
+            Some(up.fin_end)
+        } else {
+            self.up_fin_end
+        }
     }
 
     /// Whether the spliced connections are over.

@@ -79,11 +79,6 @@ fn send_from(s: &TcpStream, seed: u64, from: u64, stop: &AtomicBool) -> u64 {
 }
 
 #[test]
-// Quarantined, not passing: in one of two full CI runs on 2026-11-25 the resplice stalled
-// (both ends read nothing for 60 s after the hand-off); 5 runs by hand passed. The proxy does
-// not use kernel resplicing yet (issue 5), so this covers a mechanism still being built. Run it
-// with `cargo test -p msocks-splice --test resplice -- --ignored`.
-#[ignore = "intermittent stall after a hard hand-off, under investigation (issue 5)"]
 fn a_hard_handoff_resplices_to_a_new_connection_without_loss() {
     if !msocks_testbed::require_root("a_hard_handoff_resplices_to_a_new_connection_without_loss") {
         return;

@@ -8,6 +8,8 @@
 //! The test's proxy relays its prologue byte for byte, so an up offset on A
 //! is the same byte's offset on B, and likewise down.
 
+pub mod capture;
+
 use std::fs::File;
 use std::io::BufReader;
 use std::net::{IpAddr, SocketAddr};
