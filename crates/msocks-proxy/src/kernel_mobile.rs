@@ -459,7 +459,7 @@ mod linux {
             // The server's FIN was acknowledged by the client: the server will not send it
             // again, so the proxy ends the new connection's down direction itself, right
             // after the reply (the client expects the end of the stream there too).
-            let fin = self.counters.last.down_fin_acked;
+            let fin = self.counters.last.down_closed;
             let mut reply = Vec::new();
             Reply {
                 code: ReplyCode::Succeeded,

@@ -89,6 +89,9 @@ pub struct StreamCounts {
     pub up_fin: bool,
     /// ... and the server acknowledged it.
     pub up_fin_acked: bool,
+    /// The client has acknowledged the server's FIN, through this splice or
+    /// before it: a move must end the new connection's down direction.
+    pub down_closed: bool,
 }
 
 /// `(fin passed after the splice point, fin acknowledged)` for one
@@ -174,10 +177,16 @@ fn compatible(c: &Info, s: &Info) -> Result<(), Error> {
             s.options & mask
         )));
     }
-    if c.state != 1 || s.state != 1 {
-        return Err(Error::Incompatible(
-            "a connection is not ESTABLISHED".into(),
-        ));
+    // ESTABLISHED, or CLOSE_WAIT on one side (its peer shut down sending;
+    // the drain passes the FIN on and the other direction is spliced).
+    const ESTABLISHED: u8 = 1;
+    const CLOSE_WAIT: u8 = 8;
+    let open = |st: u8| st == ESTABLISHED || st == CLOSE_WAIT;
+    if !open(c.state) || !open(s.state) || (c.state == CLOSE_WAIT && s.state == CLOSE_WAIT) {
+        return Err(Error::Incompatible(format!(
+            "connection states {} (client) and {} (server): not ESTABLISHED",
+            c.state, s.state
+        )));
     }
     let optlen = if c.options & TCPI_OPT_TIMESTAMPS != 0 {
         12
@@ -377,7 +386,7 @@ pub fn splice_with(
 
     // Steps 3 and 4.
     let frozen = freeze(&client, &server, drain_timeout);
-    let (c_state, s_state, drained) = match frozen {
+    let (c_state, s_state, drained, fins) = match frozen {
         Ok(s) => s,
         Err((error, pending)) => {
             if tracing::enabled!(tracing::Level::DEBUG) {
@@ -412,7 +421,7 @@ pub fn splice_with(
     }
     let fwd = DirMap::new(&c_state, &s_state);
     let rev = DirMap::new(&s_state, &c_state);
-    let v_fwd = value(
+    let mut v_fwd = value(
         STATE_ACTIVE,
         opts,
         &fwd,
@@ -422,7 +431,7 @@ pub fn splice_with(
         &s_state,
         s_ifindex,
     );
-    let v_rev = value(
+    let mut v_rev = value(
         STATE_ACTIVE,
         opts,
         &rev,
@@ -432,6 +441,17 @@ pub fn splice_with(
         &c_state,
         c_ifindex,
     );
+    // A direction the drain closed is over before the splice point: its FIN
+    // (the proxy's own, on the outgoing connection) is recorded as passed
+    // and acknowledged, so that the splice ends when the other one is too.
+    if fins.0 {
+        v_fwd.events = crate::maps::EV_FIN | EV_FIN_ACKED;
+        v_fwd.fin_end = s_state.snd_nxt;
+    }
+    if fins.1 {
+        v_rev.events = crate::maps::EV_FIN | EV_FIN_ACKED;
+        v_rev.fin_end = c_state.snd_nxt;
+    }
     let activated = (|| -> Result<u32, Error> {
         let mut dp = lock(datapath);
         let slot = dp.alloc_slot()?;
@@ -475,7 +495,7 @@ pub fn splice_with(
         drained,
         retired: None,
         slot,
-        up_fin_end: None,
+        up_fin_end: fins.0.then_some(s_state.snd_nxt),
     })
 }
 
@@ -487,11 +507,14 @@ pub(crate) struct Pending {
     to_client: Vec<u8>,
     /// Bytes the drain wrote to the server, and to the client.
     written: (u64, u64),
+    /// FINs the drain passed on: the client's to the server, the server's
+    /// to the client (by shutting down the other socket's sending side).
+    fins: (bool, bool),
 }
 
 /// What a successful freeze read: both connections' state, and the bytes
 /// the drain copied (up, down).
-type Frozen = (ConnState, ConnState, (u64, u64));
+type Frozen = (ConnState, ConnState, (u64, u64), (bool, bool));
 
 /// Steps 3 and 4: drain both sockets, then freeze them and read their
 /// state. On failure, returns what it read and did not yet write.
@@ -506,8 +529,9 @@ fn freeze(
         Err(e) => return Err((e, pending)),
     }
     let written = pending.written;
+    let fins = pending.fins;
     freeze_quiet(client, server)
-        .map(|(c, s)| (c, s, written))
+        .map(|(c, s)| (c, s, written, fins))
         .map_err(|e| {
             (
                 e,
@@ -536,21 +560,23 @@ fn drain(
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let mut moved = false;
-        for (mut from, mut to, queue, written) in [
+        for (mut from, mut to, queue, written, fin) in [
             (
                 client,
                 server,
                 &mut pending.to_server,
                 &mut pending.written.0,
+                &mut pending.fins.0,
             ),
             (
                 server,
                 client,
                 &mut pending.to_client,
                 &mut pending.written.1,
+                &mut pending.fins.1,
             ),
         ] {
-            if queue.is_empty() {
+            if queue.is_empty() && !*fin {
                 let n = repair::inq(from.as_fd()).map_err(sock_err("SIOCINQ"))? as usize;
                 if n > 0 {
                     let want = n.min(buf.len());
@@ -565,7 +591,14 @@ fn drain(
                         }
                     }
                 } else if peer_closed(from)? {
-                    return Err(Error::PeerClosed);
+                    // A half-closed session is spliced too: the FIN goes on
+                    // (the other socket's sending side is shut down, and the
+                    // quiet check below waits for its acknowledgement), and
+                    // the splice carries the direction still open.
+                    to.shutdown(std::net::Shutdown::Write)
+                        .map_err(sock_err("shutdown"))?;
+                    *fin = true;
+                    moved = true;
                 }
             }
             if !queue.is_empty() {
@@ -584,6 +617,10 @@ fn drain(
                     }
                 }
             }
+        }
+        if pending.fins.0 && pending.fins.1 {
+            // Both directions are over: nothing left to splice.
+            return Err(Error::PeerClosed);
         }
         let idle = !moved && pending.to_server.is_empty() && pending.to_client.is_empty();
         if idle {
@@ -746,6 +783,7 @@ impl Spliced {
             down_fin_acked,
             up_fin,
             up_fin_acked,
+            down_closed: down.events & EV_FIN_ACKED != 0,
         })
     }
 
@@ -929,12 +967,14 @@ impl Spliced {
                 "the spliced connections were reset".into(),
             ));
         }
-        let (_, down_fin_acked) = fin_state(&down, self.basepoints.client.snd_nxt, up.last_ack);
-        let (_, up_fin_acked) = fin_at(
-            self.up_fin_end_with(&up),
-            self.basepoints.server.snd_nxt,
-            down.last_ack,
-        );
+        // Whether each FIN is done with: the client acknowledged the
+        // server's (through this splice, or before it when the drain passed
+        // it on), the server acknowledged the client's (through any splice of
+        // this session, or the drain's).
+        let down_fin_acked = down.events & EV_FIN_ACKED != 0;
+        let up_fin_acked = self
+            .up_fin_end_with(&up)
+            .is_some_and(|e| !crate::mapping::seq_before(down.last_ack, e));
         let old_server = self.basepoints.server;
         let old_fwd = DirMap::new(&self.basepoints.client, &old_server);
         // Where the server's connection resumes, in its sequence space:

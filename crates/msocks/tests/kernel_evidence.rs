@@ -138,7 +138,7 @@ impl Proxy {
     fn times_of(&self, what: &str, and: Option<&str>) -> Vec<Duration> {
         self.lines()
             .iter()
-            .filter(|l| l.contains(what) && and.is_none_or(|a| l.contains(a)))
+            .filter(|l| l.contains(what) && and.map_or(true, |a| l.contains(a)))
             .filter_map(|l| log_time(l))
             .collect()
     }
