@@ -153,7 +153,7 @@ mod linux {
 
     /// A 64-bit stream offset followed through a 32-bit counter relative to a splice point.
     #[derive(Debug, Clone, Copy)]
-    struct Extended {
+    pub(super) struct Extended {
         /// Stream offset of the splice point.
         base: u64,
         /// The counter's last value (relative to the splice point, modulo 2^32).
@@ -163,7 +163,7 @@ mod linux {
     }
 
     impl Extended {
-        fn at(base: u64) -> Extended {
+        pub(super) fn at(base: u64) -> Extended {
             Extended {
                 base,
                 last: 0,
@@ -172,12 +172,12 @@ mod linux {
         }
 
         /// Takes a new reading; counters only grow, by less than 2^31 between readings.
-        fn update(&mut self, now: u32) {
+        pub(super) fn update(&mut self, now: u32) {
             self.ahead += u64::from(now.wrapping_sub(self.last));
             self.last = now;
         }
 
-        fn value(&self) -> u64 {
+        pub(super) fn value(&self) -> u64 {
             self.base + self.ahead
         }
     }
@@ -579,5 +579,39 @@ mod linux {
                 Moved::Failed(sp, format!("resplicing: {e}"))
             }
         }
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::linux::Extended;
+
+    #[test]
+    fn extended_counters_follow_a_32_bit_counter_past_4_gib() {
+        // A splice point 5 GiB into the stream; the datapath's relative counter wraps twice.
+        let mut e = Extended::at(5 << 30);
+        let mut truth: u64 = 5 << 30;
+        for step in [
+            1u64 << 20,
+            (1 << 31) - 1,
+            1 << 30,
+            1 << 31,
+            3 << 29,
+            7,
+            (1 << 31) - 5,
+        ] {
+            truth += step;
+            e.update((truth - (5 << 30)) as u32);
+            assert_eq!(e.value(), truth);
+        }
+        assert!(truth - (5 << 30) > 1 << 33, "the counter wrapped twice");
+    }
+
+    #[test]
+    fn an_unchanged_reading_adds_nothing() {
+        let mut e = Extended::at(u64::MAX - 10);
+        e.update(0);
+        e.update(0);
+        assert_eq!(e.value(), u64::MAX - 10);
     }
 }
