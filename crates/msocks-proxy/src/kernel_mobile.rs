@@ -344,6 +344,13 @@ mod linux {
                                 break "closed by both ends (kernel splice)".to_owned();
                             }
                             Ok(Status::Active) => {
+                                if tracing::enabled!(tracing::Level::TRACE) {
+                                    if let Ok((up, down)) = sp.entries() {
+                                        tracing::trace!(session = self.client.id, up_events = up.events, down_events = down.events,
+                                            up_fin_end = up.fin_end, down_fin_end = down.fin_end, up_last_ack = up.last_ack,
+                                            down_last_ack = down.last_ack, counts = ?self.counters.last, "kernel splice state");
+                                    }
+                                }
                                 let packets = sp
                                     .entries()
                                     .map(|(up, down)| up.packets.wrapping_add(down.packets))

@@ -25,7 +25,7 @@ mod evidence;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener};
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -84,15 +84,53 @@ struct Proxy {
     log: Arc<Mutex<Vec<String>>>,
 }
 
+/// The testbed's addresses of one IP family.
+#[derive(Debug, Clone, Copy)]
+struct Family {
+    v6: bool,
+}
+
+impl Family {
+    fn px(self, tb: &Testbed, link: Link) -> IpAddr {
+        if self.v6 {
+            tb.px_ip6(link).into()
+        } else {
+            tb.px_ip(link).into()
+        }
+    }
+    fn mn(self, tb: &Testbed, link: Link) -> IpAddr {
+        if self.v6 {
+            tb.mn_ip6(link).into()
+        } else {
+            tb.mn_ip(link).into()
+        }
+    }
+    fn sv(self, tb: &Testbed) -> IpAddr {
+        if self.v6 {
+            tb.sv_ip6.into()
+        } else {
+            tb.sv_ip.into()
+        }
+    }
+    /// Where the proxy listens.
+    fn any(self) -> SocketAddr {
+        if self.v6 {
+            SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, PROXY_PORT))
+        } else {
+            SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, PROXY_PORT))
+        }
+    }
+}
+
 impl Proxy {
-    fn start(tb: &Testbed) -> Proxy {
+    fn start(tb: &Testbed, fam: Family) -> Proxy {
         let mut child = tb
             .px
             .command(env!("CARGO_BIN_EXE_msocks"))
             .args([
                 "proxy",
                 "--listen",
-                &format!("0.0.0.0:{PROXY_PORT}"),
+                &fam.any().to_string(),
                 "--engine",
                 "kernel",
                 "--log-level",
@@ -111,7 +149,7 @@ impl Proxy {
                 sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
             }
         });
-        let at = SocketAddr::from((tb.px_wired_ip, PROXY_PORT));
+        let at = SocketAddr::new(fam.px(tb, Link::Wired), PROXY_PORT);
         let ready = tb
             .mn
             .run_in(|| {
@@ -177,15 +215,14 @@ fn log_time(line: &str) -> Option<Duration> {
     Some(Duration::from_secs(days * 86_400 + hh * 3600 + mm * 60) + Duration::from_secs_f64(secs))
 }
 
-fn path(tb: &Testbed, link: Link) -> ProxyPath {
-    ProxyPath::new(SocketAddr::from((tb.px_ip(link), PROXY_PORT)))
-        .with_local_addr(tb.mn_ip(link).into())
+fn path(tb: &Testbed, fam: Family, link: Link) -> ProxyPath {
+    ProxyPath::new(SocketAddr::new(fam.px(tb, link), PROXY_PORT)).with_local_addr(fam.mn(tb, link))
 }
 
 /// The server: reads everything while sending `LEN` bytes, paced so that the transfer spans
 /// the moves. Returns (bytes read, their SHA-256).
-fn start_server(tb: &Testbed) -> thread::JoinHandle<(u64, Vec<u8>)> {
-    let addr = SocketAddr::from((tb.sv_ip, SERVER_PORT));
+fn start_server(tb: &Testbed, fam: Family) -> thread::JoinHandle<(u64, Vec<u8>)> {
+    let addr = SocketAddr::new(fam.sv(tb), SERVER_PORT);
     tb.sv
         .run_in(move || {
             let l = TcpListener::bind(addr).expect("bind server");
@@ -225,9 +262,10 @@ fn start_server(tb: &Testbed) -> thread::JoinHandle<(u64, Vec<u8>)> {
 
 /// The mobile node: one MSOCKS stream, `MOVES` moves (every third hard) while the transfers run.
 /// Returns (bytes read, their SHA-256).
-fn run_client(tb: &Testbed) -> (u64, Vec<u8>) {
-    let target = SocketAddr::from((tb.sv_ip, SERVER_PORT));
-    let mut cfg = MobileConfig::with_paths(vec![path(tb, Link::Wired), path(tb, Link::Radio)]);
+fn run_client(tb: &Testbed, fam: Family) -> (u64, Vec<u8>) {
+    let target = SocketAddr::new(fam.sv(tb), SERVER_PORT);
+    let mut cfg =
+        MobileConfig::with_paths(vec![path(tb, fam, Link::Wired), path(tb, fam, Link::Radio)]);
     // The kernel engine answers an early resend with 0x83 and the library then reconnects
     // plainly; plain RECONNECTs from the start keep one connection per move.
     cfg.early_resend = false;
@@ -283,7 +321,7 @@ fn run_client(tb: &Testbed) -> (u64, Vec<u8>) {
                         tb.link_down(on).expect("link down");
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
-                    let moved = control.migrate(path(tb, to)).await;
+                    let moved = control.migrate(path(tb, fam, to)).await;
                     if hard {
                         tb.link_up(on).expect("link up");
                     }
@@ -433,12 +471,24 @@ fn legs(captures: &[(Link, Vec<Seg>)], proxy_port: u16) -> Vec<Leg> {
 
 #[test]
 fn kernel_msocks_session_with_moves_has_packet_evidence() {
-    if !msocks_testbed::require_root("kernel_msocks_session_with_moves_has_packet_evidence") {
+    evidence_on(Family { v6: false });
+}
+
+/// The same over IPv6.
+#[test]
+fn kernel_msocks_session_with_moves_has_packet_evidence_ipv6() {
+    evidence_on(Family { v6: true });
+}
+
+fn evidence_on(fam: Family) {
+    if !msocks_testbed::require_root(&format!(
+        "kernel_msocks_session_with_moves_has_packet_evidence ({fam:?})"
+    )) {
         return;
     }
     // tcpdump may drop packets on a loaded machine; the evidence needs complete captures.
     for attempt in 1..=3 {
-        match run() {
+        match run(fam) {
             Ok(()) => return,
             Err(dropped) => {
                 eprintln!("attempt {attempt}: tcpdump dropped {dropped} packets; again")
@@ -448,9 +498,13 @@ fn kernel_msocks_session_with_moves_has_packet_evidence() {
     panic!("tcpdump dropped packets in three attempts: no complete evidence");
 }
 
-fn run() -> Result<(), u64> {
+fn run(fam: Family) -> Result<(), u64> {
     let tb = Testbed::mobile_proxy_server().expect("building the testbed");
-    let dir = std::env::temp_dir().join(format!("msocks-kernel-evidence-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "msocks-kernel-evidence-{}-{}",
+        std::process::id(),
+        if fam.v6 { "v6" } else { "v4" }
+    ));
     std::fs::create_dir_all(&dir).expect("capture dir");
     let caps = [
         (
@@ -463,10 +517,10 @@ fn run() -> Result<(), u64> {
         ),
     ];
     let cap_b = Capture::start(&tb.px, SV_IF_ON_PX, &dir.join("server.pcap"));
-    let proxy = Proxy::start(&tb);
+    let proxy = Proxy::start(&tb, fam);
 
-    let server = start_server(&tb);
-    let (c_n, c_sha) = run_client(&tb);
+    let server = start_server(&tb, fam);
+    let (c_n, c_sha) = run_client(&tb, fam);
     let (s_n, s_sha) = server.join().expect("server");
     // The session's close is logged once both FINs are acknowledged (plus a linger).
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -521,7 +575,7 @@ fn run() -> Result<(), u64> {
         .map(|(l, p)| (*l, evidence::read(p).expect("mobile-side capture")))
         .collect();
     let b_segs = evidence::read(&b_path).expect("server-side capture");
-    let sv = SocketAddr::from((tb.sv_ip, SERVER_PORT));
+    let sv = SocketAddr::new(fam.sv(&tb), SERVER_PORT);
     let syn = b_segs
         .iter()
         .find(|s| s.syn && !s.ack_flag && s.dst == sv)
