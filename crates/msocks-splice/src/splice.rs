@@ -1151,7 +1151,15 @@ impl Spliced {
     /// Whether the spliced connections are over.
     pub fn status(&self) -> Result<Status, Error> {
         let (a, b) = self.entries()?;
-        let fins = a.events & EV_FIN_ACKED != 0 && b.events & EV_FIN_ACKED != 0;
+        // The client's FIN counts as acknowledged also when an earlier splice of the session
+        // forwarded it and the server's ACK of it came through this one: the client's
+        // repeated FIN on the new connection is then acknowledged by that ACK (mapped) and
+        // never needs to cross.
+        let up_done = a.events & EV_FIN_ACKED != 0
+            || self
+                .up_fin_end_with(&a)
+                .is_some_and(|e| !crate::mapping::seq_before(b.last_ack, e));
+        let fins = up_done && b.events & EV_FIN_ACKED != 0;
         let rst = (a.events | b.events) & EV_RST != 0;
         Ok(if fins || rst {
             Status::Finished

@@ -14,6 +14,8 @@
 #![cfg(target_os = "linux")]
 
 mod common;
+#[allow(dead_code)]
+mod evidence;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -22,6 +24,7 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use evidence::{digest, fill};
 use msocks_splice::{splice, Hook, Status};
 use msocks_testbed::{Link, Testbed};
 use sha2::{Digest, Sha256};
@@ -31,29 +34,6 @@ const MOVE_AFTER: u64 = 4 << 20;
 const UP: u64 = 1;
 const DOWN: u64 = 2;
 
-fn pattern(seed: u64, i: u64) -> u8 {
-    let mut z = (i / 8).wrapping_add(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    z.to_le_bytes()[(i % 8) as usize]
-}
-
-fn digest(seed: u64, len: u64) -> Vec<u8> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut off = 0;
-    while off < len {
-        let n = (len - off).min(buf.len() as u64) as usize;
-        for (i, b) in buf[..n].iter_mut().enumerate() {
-            *b = pattern(seed, off + i as u64);
-        }
-        h.update(&buf[..n]);
-        off += n as u64;
-    }
-    h.finalize().to_vec()
-}
-
 /// Writes the pattern from `from` up to `TOTAL` until `stop` is set;
 /// returns the offset reached (bytes handed to the kernel).
 fn send_from(s: &TcpStream, seed: u64, from: u64, stop: &AtomicBool) -> u64 {
@@ -62,9 +42,7 @@ fn send_from(s: &TcpStream, seed: u64, from: u64, stop: &AtomicBool) -> u64 {
     let mut off = from;
     while off < TOTAL && !stop.load(Ordering::SeqCst) {
         let n = (TOTAL - off).min(buf.len() as u64) as usize;
-        for (i, b) in buf[..n].iter_mut().enumerate() {
-            *b = pattern(seed, off + i as u64);
-        }
+        fill(seed, off, &mut buf[..n]);
         let mut done = 0;
         while done < n && !stop.load(Ordering::SeqCst) {
             match (&*s).write(&buf[done..n]) {

@@ -20,6 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use evidence::capture::Capture;
+use evidence::{digest, pattern};
 use msocks_splice::{splice, splice_with, Hook, Options, Status};
 use msocks_testbed::{Link, Testbed, SV_IF_ON_PX};
 use sha2::{Digest, Sha256};
@@ -34,16 +35,6 @@ const IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// then the splice is active, and every byte of the down stream crosses the
 /// proxy as packets it never acknowledges itself.
 const SERVER_WAITS_FOR: u64 = 1 << 20;
-
-/// Byte `i` of a test stream: a keyed, position-dependent pattern, so a byte
-/// at a wrong offset is caught.
-fn pattern(seed: u64, i: u64) -> u8 {
-    let mut z = (i / 8).wrapping_add(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    z.to_le_bytes()[(i % 8) as usize]
-}
 
 const UP_SEED: u64 = 1;
 const DOWN_SEED: u64 = 2;
@@ -62,9 +53,7 @@ fn send_pattern(mut s: &TcpStream, seed: u64, len: u64) -> std::io::Result<Vec<u
     let mut off = 0;
     while off < len {
         let n = (len - off).min(buf.len() as u64) as usize;
-        for (i, b) in buf[..n].iter_mut().enumerate() {
-            *b = pattern(seed, off + i as u64);
-        }
+        evidence::fill(seed, off, &mut buf[..n]);
         s.write_all(&buf[..n])?;
         h.update(&buf[..n]);
         off += n as u64;
@@ -85,21 +74,6 @@ fn recv_all(mut s: &TcpStream) -> std::io::Result<(u64, Vec<u8>)> {
         h.update(&buf[..n]);
         total += n as u64;
     }
-}
-
-fn expected_digest(seed: u64, len: u64) -> Vec<u8> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut off = 0;
-    while off < len {
-        let n = (len - off).min(buf.len() as u64) as usize;
-        for (i, b) in buf[..n].iter_mut().enumerate() {
-            *b = pattern(seed, off + i as u64);
-        }
-        h.update(&buf[..n]);
-        off += n as u64;
-    }
-    h.finalize().to_vec()
 }
 
 struct ProxyResult {
@@ -392,7 +366,7 @@ fn run(v6: bool, when: When) -> Result<(), u64> {
 
     eprintln!("datapath counters: {:?}", px.stats);
     assert_eq!(c_n, BULK, "client received");
-    assert_eq!(c_got, expected_digest(DOWN_SEED, BULK), "client's SHA-256");
+    assert_eq!(c_got, digest(DOWN_SEED, BULK), "client's SHA-256");
     assert_eq!(c_got, s_sent);
     assert_eq!(s_n, BULK, "server received");
     assert_eq!(s_got, c_sent, "server's SHA-256");

@@ -32,7 +32,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use evidence::capture::Capture;
-use evidence::{Conn, Seg};
+use evidence::{digest, fill, pattern, Conn, Seg};
 use msocks_client::{MobileConfig, MobileStream, ProxyPath};
 use msocks_proto::{
     Greeting, MethodSelection, Reply, ReplyContext, ReplyExtension, Request, ResumeCounters,
@@ -50,33 +50,6 @@ const DOWN_LEN: u64 = 3 << 20;
 const UP_SEED: u64 = 11;
 const DOWN_SEED: u64 = 12;
 const MOVES: usize = 8;
-
-fn pattern(seed: u64, i: u64) -> u8 {
-    let mut z = (i / 8).wrapping_add(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    z.to_le_bytes()[(i % 8) as usize]
-}
-
-fn fill(seed: u64, from: u64, buf: &mut [u8]) {
-    for (i, b) in buf.iter_mut().enumerate() {
-        *b = pattern(seed, from + i as u64);
-    }
-}
-
-fn digest(seed: u64, len: u64) -> Vec<u8> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut off = 0;
-    while off < len {
-        let n = (len - off).min(buf.len() as u64) as usize;
-        fill(seed, off, &mut buf[..n]);
-        h.update(&buf[..n]);
-        off += n as u64;
-    }
-    h.finalize().to_vec()
-}
 
 /// `msocks proxy --engine kernel` in the proxy namespace, its log kept with the times.
 struct Proxy {
@@ -469,6 +442,36 @@ fn legs(captures: &[(Link, Vec<Seg>)], proxy_port: u16) -> Vec<Leg> {
     out
 }
 
+/// What identifies a segment across the splice: its stream offset, the stream offset it
+/// acknowledges (0 without ACK), payload length, ACK/FIN/RST flags.
+type Shape = (i64, i64, usize, bool, bool, bool);
+
+fn shape(s: &Seg, seq_off: i64, ack_off: impl FnOnce() -> i64) -> Shape {
+    let ack = if s.ack_flag { ack_off() } else { 0 };
+    (seq_off, ack, s.payload.len(), s.ack_flag, s.fin, s.rst)
+}
+
+/// Segments received on one side, each to be matched by one copy sent on the other.
+#[derive(Default)]
+struct Pool(HashMap<Shape, usize>);
+
+impl Pool {
+    fn add(&mut self, k: Shape) {
+        *self.0.entry(k).or_default() += 1;
+    }
+
+    /// Takes one segment of this shape; false if there is none left.
+    fn take(&mut self, k: &Shape) -> bool {
+        match self.0.get_mut(k) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 #[test]
 fn kernel_msocks_session_with_moves_has_packet_evidence() {
     evidence_on(Family { v6: false });
@@ -653,27 +656,16 @@ fn run(fam: Family) -> Result<(), u64> {
     );
 
     // (b) Nothing originated: every segment the proxy sent after a splice is a copy.
-    type Shape = (i64, i64, usize, bool, bool, bool);
-    let mut from_mobile: HashMap<Shape, usize> = HashMap::new();
+    let mut from_mobile = Pool::default();
     for leg in &legs {
         let c = &leg.conn;
         for s in segs_of(leg)
             .iter()
             .filter(|s| s.src == c.active && s.dst == c.passive && !s.syn)
         {
-            let k = (
-                leg.up(c.offset(c.active, s.seq)),
-                if s.ack_flag {
-                    leg.down(c.ack_offset(c.active, s.ack))
-                } else {
-                    0
-                },
-                s.payload.len(),
-                s.ack_flag,
-                s.fin,
-                s.rst,
-            );
-            *from_mobile.entry(k).or_default() += 1;
+            from_mobile.add(shape(s, leg.up(c.offset(c.active, s.seq)), || {
+                leg.down(c.ack_offset(c.active, s.ack))
+            }));
         }
     }
     let mut copies = 0;
@@ -681,47 +673,25 @@ fn run(fam: Family) -> Result<(), u64> {
         .iter()
         .filter(|s| s.dst == b.passive && s.ts > first_splice)
     {
-        let k = (
-            b.offset(b.active, s.seq),
-            if s.ack_flag {
-                b.ack_offset(b.active, s.ack)
-            } else {
-                0
-            },
-            s.payload.len(),
-            s.ack_flag,
-            s.fin,
-            s.rst,
+        let k = shape(s, b.offset(b.active, s.seq), || {
+            b.ack_offset(b.active, s.ack)
+        });
+        assert!(
+            from_mobile.take(&k),
+            "(b) a segment to the server at {:?} ({k:?}: up offset, ack, len, ack/fin/rst flags) \
+             is no copy of one from the mobile node",
+            s.ts
         );
-        match from_mobile.get_mut(&k) {
-            Some(n) if *n > 0 => {
-                *n -= 1;
-                copies += 1;
-            }
-            _ => panic!(
-                "(b) a segment to the server at {:?} (up offset {}, ack {}, len {}, fin {} rst {}) is no copy of one from the mobile node",
-                s.ts, k.0, k.1, k.2, k.4, k.5
-            ),
-        }
+        copies += 1;
     }
-    let mut from_server: HashMap<Shape, usize> = HashMap::new();
+    let mut from_server = Pool::default();
     for s in b_segs
         .iter()
         .filter(|s| s.src == b.passive && s.dst == b.active && !s.syn)
     {
-        let k = (
-            b.offset(b.passive, s.seq),
-            if s.ack_flag {
-                b.ack_offset(b.passive, s.ack)
-            } else {
-                0
-            },
-            s.payload.len(),
-            s.ack_flag,
-            s.fin,
-            s.rst,
-        );
-        *from_server.entry(k).or_default() += 1;
+        from_server.add(shape(s, b.offset(b.passive, s.seq), || {
+            b.ack_offset(b.passive, s.ack)
+        }));
     }
     for (i, leg) in legs.iter().enumerate() {
         let c = &leg.conn;
@@ -730,28 +700,17 @@ fn run(fam: Family) -> Result<(), u64> {
             .iter()
             .filter(|s| s.src == c.passive && s.dst == c.active && s.ts > after)
         {
-            let k = (
-                leg.down(c.offset(c.passive, s.seq)),
-                if s.ack_flag {
-                    leg.up(c.ack_offset(c.passive, s.ack))
-                } else {
-                    0
-                },
-                s.payload.len(),
-                s.ack_flag,
-                s.fin,
-                s.rst,
+            let k = shape(s, leg.down(c.offset(c.passive, s.seq)), || {
+                leg.up(c.ack_offset(c.passive, s.ack))
+            });
+            assert!(
+                from_server.take(&k),
+                "(b) a segment to the mobile node on {:?} at {:?} ({k:?}: down offset, ack, len, \
+                 ack/fin/rst flags) is no copy of one from the server",
+                c.active,
+                s.ts
             );
-            match from_server.get_mut(&k) {
-                Some(n) if *n > 0 => {
-                    *n -= 1;
-                    copies += 1;
-                }
-                _ => panic!(
-                    "(b) a segment to the mobile node on {:?} at {:?} (down offset {}, ack {}, len {}, fin {} rst {}) is no copy of one from the server",
-                    c.active, s.ts, k.0, k.1, k.2, k.4, k.5
-                ),
-            }
+            copies += 1;
         }
     }
 

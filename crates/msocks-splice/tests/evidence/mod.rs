@@ -19,6 +19,38 @@ use std::time::Duration;
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use pcap_file::pcap::PcapReader;
 
+/// Byte `i` of a test stream: a keyed, position-dependent pattern, so a byte
+/// at a wrong offset is caught.
+pub fn pattern(seed: u64, i: u64) -> u8 {
+    let mut z = (i / 8).wrapping_add(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    z.to_le_bytes()[(i % 8) as usize]
+}
+
+/// Fills `buf` with the pattern of `seed` from stream offset `from`.
+pub fn fill(seed: u64, from: u64, buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = pattern(seed, from + i as u64);
+    }
+}
+
+/// SHA-256 of the first `len` bytes of the pattern of `seed`.
+pub fn digest(seed: u64, len: u64) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(buf.len() as u64) as usize;
+        fill(seed, off, &mut buf[..n]);
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    h.finalize().to_vec()
+}
+
 /// One TCP segment from a capture.
 #[derive(Debug, Clone)]
 pub struct Seg {
