@@ -12,12 +12,14 @@
 //!   seen acknowledged is still in its socket, and every byte the server has not seen
 //!   acknowledged is still in the server's: nothing is kept in the proxy.
 //!
-//! What this engine does not take, and how it says so: an early resend (PROTOCOL.md 3.7.1;
-//! its bytes would reach the proxy's socket, which cannot pass them on once frozen) and a
-//! client reading urgent data out of band (its counters skip urgent bytes the datapath does
-//! not track) get reply `0x83`, which the library answers with a plain RECONNECT; a RECONNECT
-//! after a FIN or RST went through the splice gets `0x01`. Where a session cannot be spliced
-//! at all it runs on the relay engine ([`crate::mobile`]), and the log says why.
+//! An early resend (PROTOCOL.md 3.7.1) is taken when none of its bytes reached the proxy's
+//! socket before the new connection was held (later ones meet HOLD and the client's TCP sends
+//! them again, into the splice); bytes already in the socket could not be passed on by a
+//! frozen server socket, so that RECONNECT gets `0x81` and the session is unchanged (the
+//! library retries without early resend). A client reading urgent data out of band (its
+//! counters skip urgent bytes the datapath does not track) gets `0x83`; a RECONNECT after a
+//! RST went through the splice gets `0x01`. Where a session cannot be spliced at all it runs
+//! on the relay engine ([`crate::mobile`]), and the log says why.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -385,18 +387,28 @@ mod linux {
         /// Handles one RECONNECT. `Err` ends the session (with its reason).
         async fn attach(&mut self, mut a: Attach) -> Result<(), String> {
             let id = self.client.id;
-            if a.resend_from.is_some() || !a.oob_inline {
-                let why = if a.resend_from.is_some() {
-                    "early resend"
-                } else {
-                    "out-of-band urgent data"
-                };
-                let _ = send_reply(
-                    &mut a.stream,
-                    &Reply::failure(ReplyCode::MsocksVersionNotSupported),
-                )
-                .await;
-                info!(session = id, from = %a.peer, reason = why, "RECONNECT refused on a kernel-spliced session (0x83); session unchanged");
+            // Early bytes that came with the request are in the proxy's socket already, and
+            // a frozen server socket cannot pass them on; an early resend without them is
+            // taken (later early bytes meet HOLD and the client's TCP sends them again).
+            // Out of band: never (0x83, the flag is not supported here). Early bytes: not this
+            // time (0x81, as for a RESEND_FROM the proxy cannot use: the session is unchanged
+            // and the client retries without, PROTOCOL.md 3.7.1).
+            let refusal = if !a.oob_inline {
+                Some((
+                    "out-of-band urgent data",
+                    ReplyCode::MsocksVersionNotSupported,
+                ))
+            } else if a.resend_from.is_some() && !a.early.is_empty() {
+                Some((
+                    "early resend with bytes behind the request",
+                    ReplyCode::BadCounters,
+                ))
+            } else {
+                None
+            };
+            if let Some((why, code)) = refusal {
+                let _ = send_reply(&mut a.stream, &Reply::failure(code)).await;
+                info!(session = id, from = %a.peer, reason = why, reply = %code, "RECONNECT refused on a kernel-spliced session; session unchanged");
                 let _ = a
                     .done
                     .send(Err(format!("{why} is not taken by the kernel engine")));
@@ -462,7 +474,36 @@ mod linux {
                 let _ = a.done.send(Err("data_read beyond a TCP window".into()));
                 return Ok(());
             }
-            let down_ahead = (splice.resume_down_at - pos.down_acked) as u32;
+            // An early resend starts at RESEND_FROM, which must lie within what the server
+            // has (PROTOCOL.md 3.7.1); the bytes from there to `snd_una_D` reach the server
+            // again and its TCP drops them.
+            let up_back = match a.resend_from {
+                None => 0,
+                Some(from) => {
+                    let from = offset(from, self.options.write_origin);
+                    let written = offset(a.data_written, self.options.write_origin);
+                    if from > pos.up_received
+                        || written < from
+                        || pos.up_received - from > msocks_proto::resplice::MAX_RESPLICE_SPAN
+                    {
+                        let _ = self.sp().map(|sp| sp.unsuspend());
+                        let _ = send_reply(&mut a.stream, &Reply::failure(ReplyCode::BadCounters))
+                            .await;
+                        warn!(session = id, from = %a.peer, resend_from = from, received = pos.up_received, written,
+                            "RECONNECT refused: impossible RESEND_FROM (0x81); session unchanged");
+                        let _ = a.done.send(Err("impossible RESEND_FROM".into()));
+                        return Ok(());
+                    }
+                    (pos.up_received - from) as u32
+                }
+            };
+            let resume = msocks_splice::Resume {
+                down_ahead: (splice.resume_down_at - pos.down_acked) as u32,
+                up_back,
+            };
+            let mut refusal = Vec::new();
+            Reply::failure(ReplyCode::BadCounters).encode(&mut refusal);
+            let early = a.resend_from.is_some().then_some(refusal);
             // The server's FIN was acknowledged by the client: the server will not send it
             // again, so the proxy ends the new connection's down direction itself, right
             // after the reply (the client expects the end of the stream there too).
@@ -490,7 +531,7 @@ mod linux {
             // HOLD the new connection, reply, and splice it once the reply is acknowledged
             // (blocking steps: off the reactor).
             let moved = tokio::task::spawn_blocking(move || {
-                move_splice(sp, new, &reply, fin, down_ahead, timeout, drain)
+                move_splice(sp, new, &reply, early, fin, resume, timeout, drain)
             })
             .await;
             let moved = match moved {
@@ -500,7 +541,10 @@ mod linux {
             match moved {
                 Moved::Done(sp) => {
                     self.spliced = Some(sp);
-                    self.counters = Counters::at(splice.resume_down_at, pos.up_received);
+                    // The new splice point of the client's stream is where its bytes on the new
+                    // connection start.
+                    self.counters =
+                        Counters::at(splice.resume_down_at, pos.up_received - u64::from(up_back));
                     self.moves += 1;
                     let summary = format!(
                         "resumed at {} (to {}): data_salvage={} data_write={} moves={} (kernel splice)",
@@ -550,36 +594,52 @@ mod linux {
         Failed(Spliced, String),
     }
 
-    /// The blocking part of a move: HOLD, reply, resplice.
+    /// The blocking part of a move: HOLD, reply, resplice. With `early_refusal` (the request
+    /// asked for early resend) an early byte that reached the socket before HOLD gets that
+    /// reply (0x81) instead, and the session goes on as it was.
+    #[allow(clippy::too_many_arguments)]
     fn move_splice(
         sp: Spliced,
         new: std::net::TcpStream,
         reply: &[u8],
+        early_refusal: Option<Vec<u8>>,
         fin: bool,
-        down_ahead: u32,
+        resume: msocks_splice::Resume,
         timeout: Duration,
         drain: Duration,
     ) -> Moved {
         use std::io::Write;
+        use std::os::fd::AsFd;
         if let Err(e) = sp.prepare_client(&new) {
             return Moved::NotReplied(sp, format!("holding the new connection: {e}"));
         }
-        let sent = new
+        let setup = new
             .set_nonblocking(false)
-            .and_then(|()| new.set_write_timeout(Some(timeout)))
-            .and_then(|()| (&new).write_all(reply))
-            .and_then(|()| {
-                if fin {
-                    new.shutdown(std::net::Shutdown::Write)
-                } else {
-                    Ok(())
-                }
-            });
+            .and_then(|()| new.set_write_timeout(Some(timeout)));
+        if let Some(refusal) = early_refusal {
+            if msocks_splice::repair::inq(new.as_fd()).map_or(true, |n| n > 0) {
+                sp.forget_client(&new);
+                let _ = setup.and_then(|()| (&new).write_all(&refusal));
+                return Moved::NotReplied(
+                    sp,
+                    "early resend bytes reached the proxy before the new connection was held \
+                     (0x81; the client retries without)"
+                        .into(),
+                );
+            }
+        }
+        let sent = setup.and_then(|()| (&new).write_all(reply)).and_then(|()| {
+            if fin {
+                new.shutdown(std::net::Shutdown::Write)
+            } else {
+                Ok(())
+            }
+        });
         if let Err(e) = sent {
             sp.forget_client(&new);
             return Moved::NotReplied(sp, format!("writing the reply: {e}"));
         }
-        match sp.resplice_client(new, down_ahead, drain) {
+        match sp.resplice_client(new, resume, drain) {
             Ok(sp) => Moved::Done(sp),
             Err(b) => {
                 let (e, sp) = *b;

@@ -18,6 +18,7 @@
 //! userspace relay: nothing was lost (bytes the datapath dropped in HOLD
 //! are retransmitted by their senders to the unfrozen sockets).
 
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsFd;
@@ -111,6 +112,22 @@ fn fin_at(end: Option<u32>, base: u32, ack: u32) -> (bool, bool) {
     (fin, acked)
 }
 
+/// Where a moved splice resumes, relative to what [`Spliced::suspend`]
+/// returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Resume {
+    /// How many bytes beyond its last acknowledgement the client had
+    /// already received (its ACK of them was lost or not sent yet): the
+    /// server's retransmission of those falls below the new splice point
+    /// and is cut off (paper III-B.4).
+    pub down_ahead: u32,
+    /// How many bytes before the server's last acknowledgement the client
+    /// starts sending on the new connection (an early resend from the
+    /// point its own socket saw acknowledged): they reach the server as
+    /// duplicates, which its TCP discards.
+    pub up_back: u32,
+}
+
 /// The basepoints and counters of an installed splice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Basepoints {
@@ -133,9 +150,10 @@ pub struct Spliced {
     basepoints: Basepoints,
     /// Bytes the drain copied before the splice: (up, down).
     drained: (u64, u64),
-    /// A client connection replaced by [`Spliced::resplice_client`]: its
-    /// frozen socket and (DROP) entry, released with this splice.
-    retired: Option<(SpliceKey, TcpStream)>,
+    /// The (DROP) entries of the last client connections replaced by
+    /// [`Spliced::resplice_client`], oldest first, removed with this
+    /// splice; at most [`RETIRED_KEPT`].
+    retired: VecDeque<SpliceKey>,
     /// This splice's `splice_ctl` word.
     slot: u32,
     /// Where the client's FIN ends in the server connection's sequence
@@ -144,6 +162,14 @@ pub struct Spliced {
     /// earlier splice forwarded may come through a later one.
     up_fin_end: Option<u32>,
 }
+
+/// How many replaced client connections keep their DROP entry. Late
+/// segments of such a connection (the client closed it after the move and
+/// may still be retransmitting its FIN) are dropped while the entry lasts;
+/// after it, they find no socket at the proxy and get its kernel's RST, as
+/// for any closed connection. Bounded so that a session moving for days does
+/// not fill the table.
+const RETIRED_KEPT: usize = 8;
 
 /// How long [`Spliced::suspend`] waits after stopping the datapath before
 /// it reads the counters: a CPU that was forwarding a segment of this
@@ -493,7 +519,7 @@ pub fn splice_with(
             server: s_state,
         },
         drained,
-        retired: None,
+        retired: VecDeque::new(),
         slot,
         up_fin_end: fins.0.then_some(s_state.snd_nxt),
     })
@@ -848,20 +874,17 @@ impl Spliced {
 
     /// Last step of a move: once the reply is acknowledged, freezes the
     /// new client connection and splices it to the server connection
-    /// where [`Spliced::suspend`] said the streams resume: the server's
-    /// bytes from the first offset plus `down_ahead` go to the new
-    /// connection, the client's bytes from the second offset (which the
-    /// client sends again) go to the server. `down_ahead` is how many bytes
-    /// beyond its last acknowledgement the client had already received
-    /// (its ACK of them was lost or not sent yet); the server's
-    /// retransmission of those falls below the new splice point and is
-    /// cut off (paper III-B.4). The old client connection is retired
+    /// where [`Spliced::suspend`] said the streams resume, adjusted by
+    /// `resume`: the server's bytes from the first offset plus
+    /// `resume.down_ahead` go to the new connection, the client's bytes
+    /// from the second offset minus `resume.up_back` (which the client
+    /// sends again) go to the server. The old client connection is retired
     /// silently. On failure the splice stays suspended and the new
     /// connection's entry is removed.
     pub fn resplice_client(
         mut self,
         client: TcpStream,
-        down_ahead: u32,
+        resume: Resume,
         drain_timeout: Duration,
     ) -> Result<Spliced, Box<(Error, Spliced)>> {
         let new_key = match (client.peer_addr(), client.local_addr()) {
@@ -876,7 +899,7 @@ impl Spliced {
                 )))
             }
         };
-        match self.resplice_inner(&client, down_ahead, drain_timeout) {
+        match self.resplice_inner(&client, resume, drain_timeout) {
             Ok((mut fwd, mut rev, basepoints)) => {
                 let old_key = self.to_server;
                 fwd.ctl_slot = self.slot;
@@ -910,13 +933,22 @@ impl Spliced {
                         return Err(Box::new((e, self)));
                     }
                 }
-                let old_client = self.client.take();
+                // The old socket is frozen: closing it sends nothing. Its
+                // entry stays in DROP (within RETIRED_KEPT), so that late
+                // segments of the old connection reach neither the proxy's
+                // stack nor the server.
+                drop(self.client.take());
                 let server = self.server.take();
                 let drained = self.drained;
-                // The old entry stays in DROP until this splice ends, so
-                // that late segments of the old connection reach neither
-                // its frozen socket nor the server.
-                let retired = old_client.map(|c| (old_key, c));
+                let mut retired = std::mem::take(&mut self.retired);
+                retired.push_back(old_key);
+                while retired.len() > RETIRED_KEPT {
+                    if let Some(oldest) = retired.pop_front() {
+                        if let Ok(mut t) = lock(&self.datapath).table() {
+                            let _ = t.remove(&oldest);
+                        }
+                    }
+                }
                 let datapath = Arc::clone(&self.datapath);
                 let to_client = self.to_client;
                 let slot = self.slot;
@@ -958,7 +990,7 @@ impl Spliced {
     fn resplice_inner(
         &self,
         client: &TcpStream,
-        down_ahead: u32,
+        resume: Resume,
         timeout: Duration,
     ) -> Result<(SpliceVal, SpliceVal, Basepoints), Error> {
         let (up, down) = self.entries()?;
@@ -984,12 +1016,16 @@ impl Spliced {
         // A FIN of the client's the server acknowledged: the client sends
         // it again on the new connection (PROTOCOL.md 3.7), and it must
         // land on the same sequence number.
-        let b_up = down.last_ack.wrapping_sub(u32::from(up_fin_acked));
+        let b_up_acked = down.last_ack.wrapping_sub(u32::from(up_fin_acked));
+        // The client's first byte on the new connection is `up_back` bytes before that
+        // (an early resend from its own acknowledged point): those land below the
+        // server's `rcv_nxt`, and its TCP discards them as duplicates (III-B.5).
+        let b_up = b_up_acked.wrapping_sub(resume.up_back);
         // A FIN of the server's the client acknowledged is past the resume
         // point (the server will not send it again); the caller has sent
         // the client a FIN of its own on the new connection, so both sides
         // are past it.
-        let b_down = old_fwd.ack(up.last_ack).wrapping_add(down_ahead);
+        let b_down = old_fwd.ack(up.last_ack).wrapping_add(resume.down_ahead);
 
         let c_info = repair::info(client.as_fd()).map_err(sock_err("TCP_INFO"))?;
         let old_c = self
@@ -1119,7 +1155,7 @@ impl Spliced {
             // do not take the server's ACK of it for a byte before the client's repeated
             // FIN comes through (it may have met the HOLD state and be retransmitted later).
             v_fwd.events = crate::maps::EV_FIN | EV_FIN_ACKED;
-            v_fwd.fin_end = b_up.wrapping_add(1);
+            v_fwd.fin_end = b_up_acked.wrapping_add(1);
         }
         if down_fin_acked {
             // The server → client direction is over (its FIN is behind the
@@ -1181,14 +1217,12 @@ impl Spliced {
             if let Ok(mut table) = dp.table() {
                 let _ = table.remove(&self.to_server);
                 let _ = table.remove(&self.to_client);
-                if let Some((key, _)) = &self.retired {
-                    let _ = table.remove(key);
+                for key in self.retired.drain(..) {
+                    let _ = table.remove(&key);
                 }
             }
             dp.free_slot(self.slot);
         }
-        // In repair mode: dropping it sends nothing.
-        self.retired.take();
         // Still in repair mode: close() ends them silently.
         self.client.take();
         self.server.take();

@@ -237,11 +237,11 @@ fn start_server(tb: &Testbed, fam: Family) -> thread::JoinHandle<(u64, Vec<u8>)>
 /// Returns (bytes read, their SHA-256).
 fn run_client(tb: &Testbed, fam: Family) -> (u64, Vec<u8>) {
     let target = SocketAddr::new(fam.sv(tb), SERVER_PORT);
-    let mut cfg =
+    // Early resend on (the library's default): the kernel engine takes it when no early byte
+    // reached the proxy before the new connection was held, and answers 0x83 otherwise (the
+    // library then reconnects plainly; such a refused connection carries nothing).
+    let cfg =
         MobileConfig::with_paths(vec![path(tb, fam, Link::Wired), path(tb, fam, Link::Radio)]);
-    // The kernel engine answers an early resend with 0x83 and the library then reconnects
-    // plainly; plain RECONNECTs from the start keep one connection per move.
-    cfg.early_resend = false;
     tb.mn
         .run_in(|| {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -350,6 +350,8 @@ struct Leg {
     /// Stream offsets of the first byte each way on this connection.
     up_start: i64,
     down_start: i64,
+    /// A RECONNECT with early resend (PROTOCOL.md 3.7.1).
+    early: bool,
 }
 
 impl Leg {
@@ -410,6 +412,7 @@ fn legs(captures: &[(Link, Vec<Seg>)], proxy_port: u16) -> Vec<Leg> {
         if reply.code != msocks_proto::ReplyCode::Succeeded {
             continue;
         }
+        let early = matches!(&req, Request::Reconnect(rc) if rc.resend_from.is_some());
         let (up_start, down_start) = match (&req, reply.extension) {
             (Request::Open(open), _) => {
                 let mob = open.mobility.expect("an MSOCKS CONNECT");
@@ -426,7 +429,13 @@ fn legs(captures: &[(Link, Vec<Seg>)], proxy_port: u16) -> Vec<Leg> {
                 let (ro, wo) = origins.expect("the session's MSOCKS CONNECT comes first");
                 let read = rc.data_read.wrapping_sub(ro);
                 let written = rc.data_written.wrapping_sub(wo);
-                ((written - data_write) as i64, (read + data_salvage) as i64)
+                // With early resend the client's bytes start at RESEND_FROM (PROTOCOL.md
+                // 3.7.1), else where the reply's DATA_WRITE says.
+                let up = match rc.resend_from {
+                    Some(from) => from.wrapping_sub(wo),
+                    None => written - data_write,
+                };
+                (up as i64, (read + data_salvage) as i64)
             }
             _ => continue,
         };
@@ -437,6 +446,7 @@ fn legs(captures: &[(Link, Vec<Seg>)], proxy_port: u16) -> Vec<Leg> {
             proxy_pre: (m + pl) as i64,
             up_start,
             down_start,
+            early,
         });
     }
     out
@@ -655,7 +665,11 @@ fn run(fam: Family) -> Result<(), u64> {
         "(a) only {acks_checked} server-bound ACKs checked"
     );
 
-    // (b) Nothing originated: every segment the proxy sent after a splice is a copy.
+    // (b) Nothing originated: every segment the proxy sent after a splice is a copy, until the
+    // session ended (then its entries are gone, and a late segment of a connection the
+    // client dropped, a FIN it retransmits say, finds no socket at the proxy and gets the
+    // proxy kernel's RST, as for any closed connection).
+    let closed_at = proxy.times_of("session closed", None)[0];
     let mut from_mobile = Pool::default();
     for leg in &legs {
         let c = &leg.conn;
@@ -671,7 +685,7 @@ fn run(fam: Family) -> Result<(), u64> {
     let mut copies = 0;
     for s in b_segs
         .iter()
-        .filter(|s| s.dst == b.passive && s.ts > first_splice)
+        .filter(|s| s.dst == b.passive && s.ts > first_splice && s.ts < closed_at)
     {
         let k = shape(s, b.offset(b.active, s.seq), || {
             b.ack_offset(b.active, s.ack)
@@ -698,16 +712,18 @@ fn run(fam: Family) -> Result<(), u64> {
         let after = splice_time(leg, i);
         for s in segs_of(leg)
             .iter()
-            .filter(|s| s.src == c.passive && s.dst == c.active && s.ts > after)
+            .filter(|s| s.src == c.passive && s.dst == c.active && s.ts > after && s.ts < closed_at)
         {
             let k = shape(s, leg.down(c.offset(c.passive, s.seq)), || {
                 leg.up(c.ack_offset(c.passive, s.ack))
             });
             assert!(
                 from_server.take(&k),
-                "(b) a segment to the mobile node on {:?} at {:?} ({k:?}: down offset, ack, len, \
+                "(b) a segment to the mobile node on {:?} (leg {i} of {}, spliced at {after:?}, \
+                 session closed at {closed_at:?}) at {:?} ({k:?}: down offset, ack, len, \
                  ack/fin/rst flags) is no copy of one from the server",
                 c.active,
+                legs.len(),
                 s.ts
             );
             copies += 1;
@@ -750,8 +766,10 @@ fn run(fam: Family) -> Result<(), u64> {
     if let Some(hole) = covered.iter().position(|c| !c) {
         panic!("(c) down byte {hole} never reached the mobile node's links");
     }
+    let early = legs.iter().filter(|l| l.early).count();
+    assert!(early > 0, "no move used early resend: {legs:?}");
     eprintln!(
-        "evidence: {} legs; {acks_checked} server-bound ACKs follow the mobile node's; {copies} segments \
+        "evidence: {} legs ({early} by early-resend RECONNECTs); {acks_checked} server-bound ACKs follow the mobile node's; {copies} segments \
          after the splices are all copies; the up stream retransmitted {up_dup} bytes",
         legs.len()
     );
