@@ -846,7 +846,15 @@ impl Actor {
                 tracing::debug!(token = %self.id.token, error = %failure.error, "early-resend attempt failed; retrying");
                 self.early = None;
                 self.prior_attempts += 1;
-                if matches!(failure.error, Error::MsocksVersionUnsupported) {
+                // 0x83: the proxy does not know the flag. 0x81: it could not take the early
+                // bytes (a kernel-spliced session, PROTOCOL.md 3.7.1, whose next move would
+                // most likely have bytes in flight again), or RESEND_FROM was wrong. Either way
+                // this stream's later moves do not try again: a refused attempt costs a
+                // connection.
+                if matches!(
+                    failure.error,
+                    Error::MsocksVersionUnsupported | Error::BadCounters
+                ) {
                     self.early_unsupported = true;
                 }
                 let target = self.pending.as_ref().and_then(|p| p.target.clone());

@@ -16,7 +16,7 @@
 //! socket before the new connection was held (later ones meet HOLD and the client's TCP sends
 //! them again, into the splice); bytes already in the socket could not be passed on by a
 //! frozen server socket, so that RECONNECT gets `0x81` and the session is unchanged (the
-//! library retries without early resend). A client reading urgent data out of band (its
+//! library retries without early resend, and does not use it again for that stream). A client reading urgent data out of band (its
 //! counters skip urgent bytes the datapath does not track) gets `0x83`; a RECONNECT after a
 //! RST went through the splice gets `0x01`. Where a session cannot be spliced at all it runs
 //! on the relay engine ([`crate::mobile`]), and the log says why.

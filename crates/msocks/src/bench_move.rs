@@ -67,6 +67,12 @@ pub struct BenchMoveArgs {
     /// cold: a new TCP connection, then greeting, credentials and RECONNECT.
     #[arg(long)]
     pub warm: bool,
+    /// The proxy's session engine: `relay` or `kernel` (the eBPF TCP Splice). The link delay
+    /// is applied where packets arrive, and the kernel engine redirects the mobile node's
+    /// packets before the proxy's delay point: on `kernel` that direction is not delayed,
+    /// so the RTT figures do not describe the spliced path.
+    #[arg(long, default_value = "relay", value_parser = ["relay", "kernel"])]
+    pub engine: String,
 }
 
 use crate::bench::records::{make_record, Arrivals, RECORD};
@@ -109,7 +115,7 @@ pub fn run(args: &BenchMoveArgs) -> Result<()> {
         .context("delaying the wired link")?;
     let _radio_delay = LinkDelay::start(&tb, Link::Radio, args.radio_rtt / 2)
         .context("delaying the radio link")?;
-    let proxy = crate::testbed_proxy::start(&tb)?;
+    let proxy = crate::testbed_proxy::start_with_engine(&tb, &args.engine)?;
 
     for link in Link::ALL {
         start_probe_listener(&tb.px, SocketAddr::new(tb.px_ip(link).into(), PROBE_PORT))?;

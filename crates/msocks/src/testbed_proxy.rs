@@ -25,6 +25,11 @@ impl Drop for ProxyProc {
 /// Starts the proxy at warn level (its warnings and errors are relayed to our standard
 /// error, prefixed) and waits until it accepts connections from the mobile node.
 pub fn start(tb: &Testbed) -> Result<ProxyProc> {
+    start_with_engine(tb, "relay")
+}
+
+/// [`start`] with the session engine `engine` (`relay` or `kernel`).
+pub fn start_with_engine(tb: &Testbed, engine: &str) -> Result<ProxyProc> {
     let exe = std::env::current_exe().context("locating the msocks binary")?;
     let mut child = tb
         .px
@@ -35,6 +40,8 @@ pub fn start(tb: &Testbed) -> Result<ProxyProc> {
             &format!("0.0.0.0:{PROXY_PORT}"),
             "--log-level",
             "warn",
+            "--engine",
+            engine,
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
