@@ -613,13 +613,13 @@ mod linux {
         if let Err(e) = sp.prepare_client(&new) {
             return Moved::NotReplied(sp, format!("holding the new connection: {e}"));
         }
-        let setup = new
-            .set_nonblocking(false)
-            .and_then(|()| new.set_write_timeout(Some(timeout)));
         if let Some(refusal) = early_refusal {
             if msocks_splice::repair::inq(new.as_fd()).map_or(true, |n| n > 0) {
                 sp.forget_client(&new);
-                let _ = setup.and_then(|()| (&new).write_all(&refusal));
+                let _ = new
+                    .set_nonblocking(false)
+                    .and_then(|()| new.set_write_timeout(Some(timeout)))
+                    .and_then(|()| (&new).write_all(&refusal));
                 return Moved::NotReplied(
                     sp,
                     "early resend bytes reached the proxy before the new connection was held \
@@ -628,22 +628,15 @@ mod linux {
                 );
             }
         }
-        let sent = setup.and_then(|()| (&new).write_all(reply)).and_then(|()| {
-            if fin {
-                new.shutdown(std::net::Shutdown::Write)
-            } else {
-                Ok(())
-            }
-        });
-        if let Err(e) = sent {
-            sp.forget_client(&new);
-            return Moved::NotReplied(sp, format!("writing the reply: {e}"));
-        }
-        match sp.resplice_client(new, resume, drain) {
+        match sp.resplice_client(new, resume, reply, fin, drain.max(timeout)) {
             Ok(sp) => Moved::Done(sp),
-            Err(b) => {
-                let (e, sp) = *b;
-                Moved::Failed(sp, format!("resplicing: {e}"))
+            Err(f) => {
+                let f = *f;
+                if f.replied {
+                    Moved::Failed(f.splice, format!("resplicing: {}", f.error))
+                } else {
+                    Moved::NotReplied(f.splice, format!("resplicing: {}", f.error))
+                }
             }
         }
     }

@@ -39,7 +39,7 @@
 #endif
 
 _Static_assert(sizeof(struct splice_key) == 40, "splice_key layout (src/maps.rs)");
-_Static_assert(sizeof(struct splice_val) == 120, "splice_val layout (src/maps.rs)");
+_Static_assert(sizeof(struct splice_val) == 128, "splice_val layout (src/maps.rs)");
 _Static_assert(offsetof(struct splice_val, seq_delta) == 44, "seq_delta offset");
 _Static_assert(offsetof(struct splice_val, out_tsoffset) == 60, "out_tsoffset offset");
 _Static_assert(offsetof(struct splice_val, out_ifindex) == 64, "out_ifindex offset");
@@ -49,6 +49,7 @@ _Static_assert(offsetof(struct splice_val, events) == 96, "events offset");
 _Static_assert(offsetof(struct splice_val, drops) == 108, "drops offset");
 _Static_assert(offsetof(struct splice_val, seq_max) == 112, "seq_max offset");
 _Static_assert(offsetof(struct splice_val, ctl_slot) == 116, "ctl_slot offset");
+_Static_assert(offsetof(struct splice_val, arm_ack) == 120, "arm_ack offset");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -72,6 +73,22 @@ struct {
 	__type(key, __u32);
 	__type(value, __u32);
 } splice_ctl SEC(".maps");
+
+/* A splice's ctl word, read and written in place. Not inlined: the map key's
+ * stack slot would otherwise count in the classifier's own frame, which is at
+ * the verifier's 512-byte limit. */
+static __attribute__((noinline)) __u32 ctl_read(__u32 slot)
+{
+	__u32 *ctl = bpf_map_lookup_elem(&splice_ctl, &slot);
+	return ctl ? *(volatile __u32 *)ctl : 0;
+}
+
+static __attribute__((noinline)) void ctl_write(__u32 slot, __u32 word)
+{
+	__u32 *ctl = bpf_map_lookup_elem(&splice_ctl, &slot);
+	if (ctl)
+		*(volatile __u32 *)ctl = word;
+}
 
 /* A segment that is not ours: let the next classifier on the hook (another
  * proxy process's splice, say) or the stack have it. TC_ACT_OK would end
@@ -469,7 +486,20 @@ int splice_ingress(struct __sk_buff *skb)
 	int syn = th->syn, fin = th->fin, rst = th->rst, has_ack = th->ack;
 	__be16 o_win = th->window, o_sport = th->source, o_dport = th->dest;
 
-	if (v->state == SPLICE_HOLD) {
+	if (v->state == SPLICE_HOLD || v->state == SPLICE_ARMED) {
+		/* ARMED: once the client acknowledges the proxy's reply, the
+		 * moved splice starts with the next segment, both directions at
+		 * once. The acknowledging segment itself still goes up as in
+		 * HOLD (without its payload), so that the proxy's socket sees
+		 * its reply acknowledged and has nothing left to send when it is
+		 * frozen. (A FIN is dropped in HOLD, its ACK with it: it cannot
+		 * be the one that starts the splice.) */
+		if (v->state == SPLICE_ARMED && has_ack && !syn && !fin && !rst &&
+		    !seq_before(bpf_ntohl(th->ack_seq), v->arm_ack)) {
+			v->state = SPLICE_ACTIVE;
+			ctl_write(v->ctl_slot, 0);
+			stat(STAT_ARMED_START);
+		}
 		if (rst)
 			return TC_ACT_OK;
 		if (syn || fin)
@@ -493,12 +523,8 @@ int splice_ingress(struct __sk_buff *skb)
 		return drop(v, STAT_RESPLICE_DROP);
 	if (v->state != SPLICE_ACTIVE)
 		return NOT_OURS;
-	{
-		__u32 slot = v->ctl_slot;
-		__u32 *ctl = bpf_map_lookup_elem(&splice_ctl, &slot);
-		if (ctl && *(volatile __u32 *)ctl == SPLICE_DROP)
-			return drop(v, STAT_RESPLICE_DROP);
-	}
+	if (ctl_read(v->ctl_slot) == SPLICE_DROP)
+		return drop(v, STAT_RESPLICE_DROP);
 	if (syn)
 		return drop(v, STAT_SYN);
 

@@ -29,6 +29,9 @@ struct splice_key {
 #define SPLICE_HOLD 1   /* freeze in progress: no data into the sockets, ACKs still up */
 #define SPLICE_ACTIVE 2 /* rewrite and redirect everything */
 #define SPLICE_DROP 3   /* resplice in progress: drop everything, let nothing reach the sockets */
+#define SPLICE_ARMED 4  /* a moved splice's new connection: HOLD until the client acknowledges
+			 * arm_ack (the proxy's reply), then ACTIVE, and the splice's ctl word
+			 * cleared: the datapath itself starts the moved splice */
 
 /* opts: what both connections negotiated (they must agree) */
 #define SPLICE_OPT_TS 1
@@ -97,6 +100,10 @@ struct splice_val {
 	 * map element, and a CPU forwarding a segment at that moment would
 	 * record its ACK in the old element, lost. */
 	__u32 ctl_slot;
+	/* SPLICE_ARMED: the acknowledgement number that switches the entry to
+	 * SPLICE_ACTIVE (the proxy's snd_nxt after its reply). */
+	__u32 arm_ack;
+	__u32 reserved3;
 };
 
 /* splice_ctl words: 0 = no override, SPLICE_DROP = drop everything. */
@@ -116,7 +123,8 @@ struct splice_val {
 #define STAT_CHOPPED 11      /* payload below the splice point chopped off */
 #define STAT_RESPLICE_DROP 12 /* segments dropped while a splice was being moved */
 #define STAT_HELD_CHOPPED 13 /* data segments passed up without their payload in HOLD */
-#define STAT_MAX 14
+#define STAT_ARMED_START 14 /* moved splices the datapath started on the client's ACK */
+#define STAT_MAX 15
 
 #define SPLICE_MAX_ENTRIES 65536
 

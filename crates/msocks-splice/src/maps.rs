@@ -21,6 +21,11 @@ pub const STATE_ACTIVE: u32 = 2;
 /// [`SpliceVal::state`]: a resplice is moving this pair; every segment is
 /// dropped (and retransmitted by its sender later).
 pub const STATE_DROP: u32 = 3;
+/// [`SpliceVal::state`]: a moved splice's new connection, held as in
+/// [`STATE_HOLD`] until the client acknowledges [`SpliceVal::arm_ack`]; the
+/// datapath then makes it [`STATE_ACTIVE`] and clears the splice's
+/// `splice_ctl` word, starting the moved splice itself.
+pub const STATE_ARMED: u32 = 4;
 
 /// [`SpliceVal::opts`]: both connections use TCP timestamps.
 pub const OPT_TS: u32 = 1;
@@ -38,7 +43,7 @@ pub const EV_RST: u32 = 4;
 pub const TS_VALID: u64 = 1 << 32;
 
 /// Names of the global counters (`splice_stats`), by index.
-pub const STAT_NAMES: [&str; 14] = [
+pub const STAT_NAMES: [&str; 15] = [
     "spliced",
     "held_drop",
     "below_splice",
@@ -53,6 +58,7 @@ pub const STAT_NAMES: [&str; 14] = [
     "chopped_below_splice",
     "resplice_drop",
     "held_chopped",
+    "armed_start",
 ];
 
 /// One direction of a spliced pair: the 4-tuple of segments as they arrive
@@ -136,6 +142,11 @@ pub struct SpliceVal {
     /// value would replace the map element and lose a datapath update
     /// racing with it).
     pub ctl_slot: u32,
+    /// [`STATE_ARMED`]: the client's acknowledgement number that starts the
+    /// splice (the proxy's `snd_nxt` after its reply).
+    pub arm_ack: u32,
+    /// Zero.
+    pub reserved3: u32,
 }
 
 // SAFETY: both types are `#[repr(C)]`, consist only of integers and integer
@@ -150,7 +161,7 @@ unsafe impl aya::Pod for SpliceVal {}
 
 const _: () = {
     assert!(std::mem::size_of::<SpliceKey>() == 40);
-    assert!(std::mem::size_of::<SpliceVal>() == 120);
+    assert!(std::mem::size_of::<SpliceVal>() == 128);
     assert!(std::mem::offset_of!(SpliceVal, seq_delta) == 44);
     assert!(std::mem::offset_of!(SpliceVal, out_tsoffset) == 60);
     assert!(std::mem::offset_of!(SpliceVal, out_ifindex) == 64);
@@ -160,6 +171,7 @@ const _: () = {
     assert!(std::mem::offset_of!(SpliceVal, drops) == 108);
     assert!(std::mem::offset_of!(SpliceVal, seq_max) == 112);
     assert!(std::mem::offset_of!(SpliceVal, ctl_slot) == 116);
+    assert!(std::mem::offset_of!(SpliceVal, arm_ack) == 120);
 };
 
 /// An address as the datapath stores it: network byte order words.

@@ -212,8 +212,10 @@ pub fn monotonic_ms() -> u32 {
     ms as u32
 }
 
-/// Reads a frozen socket's sequence state. The socket must already be in
-/// repair mode (`set_repair(fd, true)`) with empty queues.
+/// Reads a socket's sequence state. The socket must be in repair mode
+/// (`set_repair(fd, true)`). `snd_nxt` is the next sequence number to be
+/// written (`write_seq`): the socket's `snd_nxt` once its send queue is
+/// empty, as it is when a splice freezes it.
 pub fn read_state(fd: BorrowedFd<'_>, info: &Info) -> io::Result<ConnState> {
     set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)?;
     let snd_nxt = get_u32(fd, libc::IPPROTO_TCP, TCP_QUEUE_SEQ)?;

@@ -29,7 +29,7 @@ use crate::loader::Datapath;
 use crate::mapping::{ConnState, DirMap};
 use crate::maps::{
     addr_words, SpliceKey, SpliceVal, EV_FIN_ACKED, EV_RST, OPT_SACK, OPT_TS, STATE_ACTIVE,
-    STATE_DROP, STATE_HOLD,
+    STATE_ARMED, STATE_DROP, STATE_HOLD,
 };
 use crate::repair::{self, Info, TCPI_OPT_ECN, TCPI_OPT_SACK, TCPI_OPT_TIMESTAMPS};
 use crate::Error;
@@ -110,6 +110,19 @@ fn fin_at(end: Option<u32>, base: u32, ack: u32) -> (bool, bool) {
     let fin = end.is_some_and(|e| crate::mapping::seq_before(base, e));
     let acked = fin && end.is_some_and(|e| !crate::mapping::seq_before(ack, e));
     (fin, acked)
+}
+
+/// A move that could not be completed: the splice is back as it was when
+/// suspended.
+#[derive(Debug)]
+pub struct MoveFailed {
+    /// Why.
+    pub error: Error,
+    /// The splice, still suspended (see [`Spliced::unsuspend`]).
+    pub splice: Spliced,
+    /// Whether the reply had been written to the client (it then expects to
+    /// resume on that connection, which the caller should close).
+    pub replied: bool,
 }
 
 /// Where a moved splice resumes, relative to what [`Spliced::suspend`]
@@ -872,126 +885,211 @@ impl Spliced {
         }
     }
 
-    /// Last step of a move: once the reply is acknowledged, freezes the
-    /// new client connection and splices it to the server connection
-    /// where [`Spliced::suspend`] said the streams resume, adjusted by
+    /// Last step of a move, after [`Spliced::prepare_client`]: computes the
+    /// new splice from the new connection's sequence numbers, installs it
+    /// armed, writes `reply` on the new connection (and a FIN after it with
+    /// `fin`: the client had acknowledged the server's FIN, which the server
+    /// will not send again), and returns once the datapath started the
+    /// splice and the new socket is frozen.
+    ///
+    /// The splice resumes where [`Spliced::suspend`] said, adjusted by
     /// `resume`: the server's bytes from the first offset plus
-    /// `resume.down_ahead` go to the new connection, the client's bytes
-    /// from the second offset minus `resume.up_back` (which the client
-    /// sends again) go to the server. The old client connection is retired
-    /// silently. On failure the splice stays suspended and the new
-    /// connection's entry is removed.
+    /// `resume.down_ahead` go to the new connection, the client's bytes from
+    /// the second offset minus `resume.up_back` (which the client sends
+    /// again) go to the server. The datapath holds the new connection back
+    /// (as in HOLD) until the client acknowledges the reply; that segment
+    /// goes up to the proxy's socket without payload, and from the next one
+    /// on both directions are spliced, without waiting for this thread. The
+    /// old client connection is retired silently. On failure the splice
+    /// stays suspended, as it was, and the new connection's entry is removed.
     pub fn resplice_client(
         mut self,
         client: TcpStream,
         resume: Resume,
-        drain_timeout: Duration,
-    ) -> Result<Spliced, Box<(Error, Spliced)>> {
+        reply: &[u8],
+        fin: bool,
+        timeout: Duration,
+    ) -> Result<Spliced, Box<MoveFailed>> {
+        let fail = |error: Error, splice: Spliced, replied: bool| {
+            Box::new(MoveFailed {
+                error,
+                splice,
+                replied,
+            })
+        };
         let new_key = match (client.peer_addr(), client.local_addr()) {
             (Ok(p), Ok(l)) => SpliceKey::new(p, l),
-            (Err(e), _) | (_, Err(e)) => {
-                return Err(Box::new((
-                    Error::Socket {
-                        op: "getpeername",
-                        source: e,
-                    },
-                    self,
-                )))
+            (Err(e), _) | (_, Err(e)) => return Err(fail(sock_err("getpeername")(e), self, false)),
+        };
+        let prepared = self.armed_entries(&client, resume, reply.len(), fin);
+        let (fwd, rev, basepoints) = match prepared {
+            Ok(x) => x,
+            Err(e) => {
+                self.forget_client(&client);
+                return Err(fail(e, self, false));
             }
         };
-        match self.resplice_inner(&client, resume, drain_timeout) {
-            Ok((mut fwd, mut rev, basepoints)) => {
-                let old_key = self.to_server;
-                fwd.ctl_slot = self.slot;
-                rev.ctl_slot = self.slot;
-                {
-                    let mut dp = lock(&self.datapath);
-                    // The old connection's entry drops for good (its own
-                    // state, since the shared word goes back to 0); then
-                    // the new entries; then the word: both directions
-                    // start at once.
-                    let done = dp
-                        .table()
-                        .and_then(|mut t| {
-                            let mut old =
-                                t.get(&old_key, 0).map_err(|e| Error::Map(Box::new(e)))?;
-                            old.state = STATE_DROP;
-                            t.insert(old_key, old, 0)
-                                .map_err(|e| Error::Map(Box::new(e)))?;
-                            t.insert(new_key, fwd, 0)
-                                .map_err(|e| Error::Map(Box::new(e)))?;
-                            t.insert(self.to_client, rev, 0)
-                                .map_err(|e| Error::Map(Box::new(e)))
-                        })
-                        .and_then(|()| dp.set_ctl(self.slot, 0));
-                    if let Err(e) = done {
-                        if let Ok(mut t) = dp.table() {
-                            let _ = t.remove(&new_key);
-                        }
-                        drop(dp);
-                        let _ = repair::set_repair(client.as_fd(), false);
-                        return Err(Box::new((e, self)));
-                    }
-                }
-                // The old socket is frozen: closing it sends nothing. Its
-                // entry stays in DROP (within RETIRED_KEPT), so that late
-                // segments of the old connection reach neither the proxy's
-                // stack nor the server.
-                drop(self.client.take());
-                let server = self.server.take();
-                let drained = self.drained;
-                let mut retired = std::mem::take(&mut self.retired);
-                retired.push_back(old_key);
-                while retired.len() > RETIRED_KEPT {
-                    if let Some(oldest) = retired.pop_front() {
-                        if let Ok(mut t) = lock(&self.datapath).table() {
-                            let _ = t.remove(&oldest);
-                        }
-                    }
-                }
-                let datapath = Arc::clone(&self.datapath);
-                let to_client = self.to_client;
-                let slot = self.slot;
-                // The old entries are stopped: what they say of the client's FIN is final.
-                let up_fin_end = match self.entries() {
-                    Ok((up, _)) => self.up_fin_end_with(&up),
-                    Err(_) => self.up_fin_end,
-                };
-                // `self` is spent: its sockets moved out (so its `Drop`
-                // releases nothing), its keys now belong to the new splice.
-                drop(self);
-                Ok(Spliced {
-                    datapath,
-                    to_server: new_key,
-                    to_client,
-                    client: Some(client),
-                    server,
-                    basepoints,
-                    drained,
-                    retired,
-                    slot,
-                    up_fin_end,
-                })
-            }
+        let old_key = self.to_server;
+        // Install: the old connection's entry drops for good (its own state:
+        // the shared word goes back to 0 when the splice starts), the
+        // server's entry turns to the new connection (still stopped by the
+        // word), and the new connection's entry is armed.
+        let saved = {
+            let mut dp = lock(&self.datapath);
+            dp.table().and_then(|mut t| {
+                let old = t.get(&old_key, 0).map_err(|e| Error::Map(Box::new(e)))?;
+                let old_rev = t
+                    .get(&self.to_client, 0)
+                    .map_err(|e| Error::Map(Box::new(e)))?;
+                let mut dropped = old;
+                dropped.state = STATE_DROP;
+                t.insert(old_key, dropped, 0)
+                    .map_err(|e| Error::Map(Box::new(e)))?;
+                t.insert(self.to_client, rev, 0)
+                    .map_err(|e| Error::Map(Box::new(e)))?;
+                t.insert(new_key, fwd, 0)
+                    .map_err(|e| Error::Map(Box::new(e)))?;
+                Ok((old, old_rev))
+            })
+        };
+        let (old, old_rev) = match saved {
+            Ok(x) => x,
             Err(e) => {
-                let mut dp = lock(&self.datapath);
-                if let Ok(mut t) = dp.table() {
-                    let _ = t.remove(&new_key);
-                }
-                drop(dp);
-                let _ = repair::set_repair(client.as_fd(), false);
-                Err(Box::new((e, self)))
+                self.forget_client(&client);
+                return Err(fail(e, self, false));
             }
+        };
+        let restore = |sp: &Spliced| {
+            let mut dp = lock(&sp.datapath);
+            let _ = dp.set_ctl(sp.slot, STATE_DROP);
+            if let Ok(mut t) = dp.table() {
+                let _ = t.remove(&new_key);
+                let _ = t.insert(old_key, old, 0);
+                let _ = t.insert(sp.to_client, old_rev, 0);
+            }
+        };
+        // The reply (and FIN). A failure here leaves the client uninformed.
+        let sent = client
+            .set_nonblocking(false)
+            .and_then(|()| client.set_write_timeout(Some(timeout)))
+            .and_then(|()| (&client).write_all(reply))
+            .and_then(|()| {
+                if fin {
+                    client.shutdown(std::net::Shutdown::Write)
+                } else {
+                    Ok(())
+                }
+            });
+        if let Err(e) = sent {
+            restore(&self);
+            return Err(fail(sock_err("writing the reply")(e), self, false));
+        }
+        // Wait for the datapath to start the splice (the client's ACK of the
+        // reply) and for that ACK to have emptied the socket's send queue.
+        let started = self.wait_started(&client, new_key, timeout);
+        let frozen = started.and_then(|()| {
+            repair::keepalive_off(client.as_fd()).map_err(sock_err("SO_KEEPALIVE"))?;
+            repair::set_repair(client.as_fd(), true).map_err(sock_err("TCP_REPAIR"))?;
+            let info = repair::info(client.as_fd()).map_err(sock_err("TCP_INFO"))?;
+            let actual =
+                repair::read_state(client.as_fd(), &info).map_err(sock_err("TCP_QUEUE_SEQ"))?;
+            let want = basepoints.client;
+            if (actual.snd_nxt, actual.rcv_nxt) != (want.snd_nxt, want.rcv_nxt) {
+                tracing::error!(?actual, ?want, "the new client connection's sequence state is not the one the splice was armed with");
+                return Err(Error::Incompatible(
+                    "the new client connection moved while the splice was armed".into(),
+                ));
+            }
+            Ok(())
+        });
+        if let Err(e) = frozen {
+            restore(&self);
+            let _ = repair::set_repair(client.as_fd(), false);
+            return Err(fail(e, self, true));
+        }
+        // The old socket is frozen: closing it sends nothing. Its entry stays
+        // in DROP (within RETIRED_KEPT), so that late segments of the old
+        // connection reach neither the proxy's stack nor the server.
+        drop(self.client.take());
+        let server = self.server.take();
+        let drained = self.drained;
+        let mut retired = std::mem::take(&mut self.retired);
+        retired.push_back(old_key);
+        while retired.len() > RETIRED_KEPT {
+            if let Some(oldest) = retired.pop_front() {
+                if let Ok(mut t) = lock(&self.datapath).table() {
+                    let _ = t.remove(&oldest);
+                }
+            }
+        }
+        let datapath = Arc::clone(&self.datapath);
+        let to_client = self.to_client;
+        let slot = self.slot;
+        // The old entries were stopped: what they said of the client's FIN is final.
+        let up_fin_end = self.up_fin_end_with(&old);
+        // `self` is spent: its sockets moved out (so its `Drop` releases
+        // nothing), its keys now belong to the new splice.
+        drop(self);
+        Ok(Spliced {
+            datapath,
+            to_server: new_key,
+            to_client,
+            client: Some(client),
+            server,
+            basepoints,
+            drained,
+            retired,
+            slot,
+            up_fin_end,
+        })
+    }
+
+    /// Waits until the datapath started the armed splice of `new_key` and the
+    /// new socket has nothing left to send (its reply acknowledged).
+    fn wait_started(
+        &self,
+        client: &TcpStream,
+        new_key: SpliceKey,
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let state = {
+                let mut dp = lock(&self.datapath);
+                let t = dp.table()?;
+                t.get(&new_key, 0)
+                    .map_err(|e| Error::Map(Box::new(e)))?
+                    .state
+            };
+            if repair::inq(client.as_fd()).map_err(sock_err("SIOCINQ"))? != 0 {
+                return Err(Error::Incompatible(
+                    "the client's bytes reached the proxy's socket: the server connection cannot take them"
+                        .into(),
+                ));
+            }
+            let outq = repair::outq(client.as_fd()).map_err(sock_err("SIOCOUTQ"))?;
+            if state == STATE_ACTIVE && outq == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                // Stop it first: a start racing this timeout must not go on.
+                lock(&self.datapath).set_ctl(self.slot, STATE_DROP)?;
+                return Err(Error::DrainTimeout);
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
-    /// Drains and freezes the new client connection and computes the new
-    /// entries: (client → server, server → client, basepoints).
-    fn resplice_inner(
+    /// Checks the new client connection and computes the moved splice's
+    /// entries from its sequence numbers as they will be after `reply_len`
+    /// bytes of reply (and a FIN with `fin`): (client → server, armed;
+    /// server → client; basepoints).
+    fn armed_entries(
         &self,
         client: &TcpStream,
         resume: Resume,
-        timeout: Duration,
+        reply_len: usize,
+        fin: bool,
     ) -> Result<(SpliceVal, SpliceVal, Basepoints), Error> {
         let (up, down) = self.entries()?;
         if (up.events | down.events) & EV_RST != 0 {
@@ -999,11 +1097,8 @@ impl Spliced {
                 "the spliced connections were reset".into(),
             ));
         }
-        // Whether each FIN is done with: the client acknowledged the
-        // server's (through this splice, or before it when the drain passed
-        // it on), the server acknowledged the client's (through any splice of
-        // this session, or the drain's).
-        let down_fin_acked = down.events & EV_FIN_ACKED != 0;
+        // Whether the client's FIN is done with: the server acknowledged it
+        // (through any splice of this session, or the drain's).
         let up_fin_acked = self
             .up_fin_end_with(&up)
             .is_some_and(|e| !crate::mapping::seq_before(down.last_ack, e));
@@ -1022,9 +1117,9 @@ impl Spliced {
         // server's `rcv_nxt`, and its TCP discards them as duplicates (III-B.5).
         let b_up = b_up_acked.wrapping_sub(resume.up_back);
         // A FIN of the server's the client acknowledged is past the resume
-        // point (the server will not send it again); the caller has sent
-        // the client a FIN of its own on the new connection, so both sides
-        // are past it.
+        // point (the server will not send it again); the caller sends the
+        // client a FIN of its own on the new connection (`fin`), so both
+        // sides are past it.
         let b_down = old_fwd.ack(up.last_ack).wrapping_add(resume.down_ahead);
 
         let c_info = repair::info(client.as_fd()).map_err(sock_err("TCP_INFO"))?;
@@ -1039,19 +1134,11 @@ impl Spliced {
                 "the new client connection negotiated other options".into(),
             ));
         }
-        // ESTABLISHED, or FIN_WAIT1/2 after the FIN the caller sent for a
-        // server that had closed.
-        let fin_sent = matches!(c_info.state, 4 | 5);
-        if c_info.state != 1 && !(fin_sent && down_fin_acked) {
+        if c_info.state != 1 {
             return Err(Error::Incompatible(format!(
                 "the new client connection is in TCP state {}, not ESTABLISHED",
                 c_info.state
             )));
-        }
-        if down_fin_acked && !fin_sent {
-            return Err(Error::Incompatible(
-                "the server had closed and the new client connection got no FIN".into(),
-            ));
         }
         let optlen = if c_info.options & TCPI_OPT_TIMESTAMPS != 0 {
             12
@@ -1068,42 +1155,37 @@ impl Spliced {
                 "MSS of the new client connection".into(),
             ));
         }
-        let c_ifindex = crate::loader::ifindex_of_addr(
-            client.local_addr().map_err(sock_err("getsockname"))?.ip(),
-        )?;
+        let c_local = client.local_addr().map_err(sock_err("getsockname"))?;
+        let c_peer = client.peer_addr().map_err(sock_err("getpeername"))?;
+        let c_ifindex = crate::loader::ifindex_of_addr(c_local.ip())?;
         if !lock(&self.datapath).covers(c_ifindex) {
             return Err(Error::Incompatible(format!(
                 "the datapath is not attached to interface {c_ifindex}"
             )));
         }
-
-        // Drain: the reply must be acknowledged, and nothing may wait in
-        // the receive queue (the client sends nothing before the reply;
-        // what it sends after is kept out by HOLD).
-        client
-            .set_nonblocking(true)
-            .map_err(sock_err("set_nonblocking"))?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            if repair::inq(client.as_fd()).map_err(sock_err("SIOCINQ"))? != 0 {
-                return Err(Error::Incompatible(
-                    "the client sent data before the reply: the server connection cannot take it"
-                        .into(),
-                ));
-            }
-            repair::quickack(client.as_fd()).map_err(sock_err("TCP_QUICKACK"))?;
-            if repair::outq(client.as_fd()).map_err(sock_err("SIOCOUTQ"))? == 0 {
-                break;
-            }
-            if Instant::now() >= deadline {
-                return Err(Error::DrainTimeout);
-            }
-            std::thread::sleep(Duration::from_millis(1));
+        // The new connection's sequence numbers now, read in repair mode and
+        // left without a window probe. Nothing from the client may wait in
+        // its receive queue (HOLD keeps its bytes out from now on); the send
+        // queue may still hold SOCKS replies the client has not acknowledged
+        // yet (a client that sent its request without waiting for the method
+        // reply): the sequence number read is the next one to be written
+        // either way, and the client's ACK of the RECONNECT reply covers them.
+        if repair::inq(client.as_fd()).map_err(sock_err("SIOCINQ"))? != 0 {
+            return Err(Error::Incompatible(
+                "the client sent bytes behind its request".into(),
+            ));
         }
-        repair::keepalive_off(client.as_fd()).map_err(sock_err("SO_KEEPALIVE"))?;
         repair::set_repair(client.as_fd(), true).map_err(sock_err("TCP_REPAIR"))?;
-        let c_state =
-            repair::read_state(client.as_fd(), &c_info).map_err(sock_err("TCP_QUEUE_SEQ"))?;
+        let read = repair::read_state(client.as_fd(), &c_info).map_err(sock_err("TCP_QUEUE_SEQ"));
+        repair::set_repair(client.as_fd(), false).map_err(sock_err("TCP_REPAIR"))?;
+        let mut c_state = read?;
+        // ... and after the reply (a FIN counts one).
+        let reply_len =
+            u32::try_from(reply_len).map_err(|_| Error::Incompatible("reply too long".into()))?;
+        c_state.snd_nxt = c_state
+            .snd_nxt
+            .wrapping_add(reply_len)
+            .wrapping_add(u32::from(fin));
 
         // The server connection as the datapath left it.
         let mut s_state = old_server;
@@ -1121,15 +1203,13 @@ impl Spliced {
         };
         s_state.ts_offset = start.wrapping_sub(now);
 
-        let c_local = client.local_addr().map_err(sock_err("getsockname"))?;
-        let c_peer = client.peer_addr().map_err(sock_err("getpeername"))?;
         let s_local = s.local_addr().map_err(sock_err("getsockname"))?;
         let s_peer = s.peer_addr().map_err(sock_err("getpeername"))?;
         let fwd = DirMap::new(&c_state, &s_state);
         let rev = DirMap::new(&s_state, &c_state);
         let opts = up.opts;
-        let v_fwd = value(
-            STATE_ACTIVE,
+        let mut v_fwd = value(
+            STATE_ARMED,
             opts,
             &fwd,
             s_local,
@@ -1138,6 +1218,8 @@ impl Spliced {
             &s_state,
             up.out_ifindex,
         );
+        v_fwd.arm_ack = c_state.snd_nxt;
+        v_fwd.ctl_slot = self.slot;
         let mut v_rev = value(
             STATE_ACTIVE,
             opts,
@@ -1148,7 +1230,7 @@ impl Spliced {
             &c_state,
             c_ifindex,
         );
-        let mut v_fwd = v_fwd;
+        v_rev.ctl_slot = self.slot;
         if up_fin_acked {
             // The server acknowledged the client's FIN, which now lies just past the new
             // splice point (b_up): recorded as passed and acknowledged, so that the counts
@@ -1157,10 +1239,11 @@ impl Spliced {
             v_fwd.events = crate::maps::EV_FIN | EV_FIN_ACKED;
             v_fwd.fin_end = b_up_acked.wrapping_add(1);
         }
-        if down_fin_acked {
+        if fin {
             // The server → client direction is over (its FIN is behind the
-            // splice point): recorded so that the splice ends when the
-            // client's FIN is acknowledged too.
+            // splice point, and the proxy's own FIN ends the new connection's
+            // direction): recorded so that the splice ends when the client's
+            // FIN is acknowledged too.
             v_rev.events = crate::maps::EV_FIN | EV_FIN_ACKED;
             v_rev.fin_end = c_state.snd_nxt;
         }

@@ -124,10 +124,15 @@ fn a_hard_handoff_resplices_to_a_new_connection_without_loss() {
                     .expect("HOLD the new connection");
                 let mut reply = down_from.to_be_bytes().to_vec();
                 reply.extend_from_slice(&up_from.to_be_bytes());
-                (&c2).write_all(&reply).expect("reply");
                 let spliced = spliced
-                    .resplice_client(c2, msocks_splice::Resume::default(), Duration::from_secs(5))
-                    .unwrap_or_else(|b| panic!("resplice: {}", b.0));
+                    .resplice_client(
+                        c2,
+                        msocks_splice::Resume::default(),
+                        &reply,
+                        false,
+                        Duration::from_secs(5),
+                    )
+                    .unwrap_or_else(|f| panic!("resplice: {}", f.error));
                 let deadline = Instant::now() + Duration::from_secs(120);
                 while spliced.status().expect("status") != Status::Finished {
                     assert!(

@@ -31,6 +31,8 @@ pub fn start(tb: &Testbed) -> Result<ProxyProc> {
 /// [`start`] with the session engine `engine` (`relay` or `kernel`).
 pub fn start_with_engine(tb: &Testbed, engine: &str) -> Result<ProxyProc> {
     let exe = std::env::current_exe().context("locating the msocks binary")?;
+    // MSOCKS_PROXY_LOG (a log filter) shows more of the proxy's log, for debugging.
+    let level = std::env::var("MSOCKS_PROXY_LOG").unwrap_or_else(|_| "warn".into());
     let mut child = tb
         .px
         .command(&exe)
@@ -39,7 +41,7 @@ pub fn start_with_engine(tb: &Testbed, engine: &str) -> Result<ProxyProc> {
             "--listen",
             &format!("0.0.0.0:{PROXY_PORT}"),
             "--log-level",
-            "warn",
+            &level,
             "--engine",
             engine,
         ])
