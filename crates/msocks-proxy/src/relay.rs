@@ -21,7 +21,10 @@ use std::time::Duration;
 
 use std::os::fd::{AsRawFd, RawFd};
 
-use tokio::io::{AsyncWriteExt, Interest};
+use std::io::Write;
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncWriteExt, Interest, Ready};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -193,40 +196,55 @@ fn fill(from: RawFd, pipe: &Pipe, buf: &mut Vec<u8>, buffer_size: usize) -> io::
     }
 }
 
+/// A relayed socket, registered with the runtime for urgent-data readiness (`EPOLLPRI`) as
+/// well as reading and writing: knowing whether an urgent mark is pending lets a short read
+/// end the wait for more bytes without a second, empty read (see `copy_one_way`).
+type Sock = AsyncFd<std::net::TcpStream>;
+
+/// Re-registers a tokio stream as a [`Sock`] (tokio's `TcpStream` registers no `EPOLLPRI`).
+#[allow(unsafe_code)]
+fn register(s: TcpStream) -> io::Result<Sock> {
+    // `into_std` deregisters the descriptor and leaves it non-blocking.
+    let s = s.into_std()?;
+    let interest = Interest::READABLE | Interest::WRITABLE | Interest::PRIORITY;
+    // SAFETY: the `AsyncFd` takes ownership of the `std::net::TcpStream`, which owns its
+    // descriptor (it stays open until the stream is dropped, with the `AsyncFd`) and always
+    // returns that same descriptor from `as_raw_fd`.
+    Ok(unsafe { AsyncFd::register_with_interest(s, interest) }?)
+}
+
 /// Writes all of `data` to `to`.
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+async fn write_all(to: &Sock, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
-        to.writable().await?;
-        match to.try_write(data) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
+        let mut guard = to.writable().await?;
+        match guard.try_io(|s| s.get_ref().write(data)) {
+            Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(Ok(n)) => data = &data[n..],
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => {}
         }
     }
     Ok(())
 }
 
 /// Moves `n` bytes from the pipe to `to`.
-async fn drain(pipe: &Pipe, to: &TcpStream, mut n: usize) -> io::Result<()> {
+async fn drain(pipe: &Pipe, to: &Sock, mut n: usize) -> io::Result<()> {
     let to_fd = to.as_raw_fd();
     while n > 0 {
-        to.writable().await?;
-        match to.try_io(Interest::WRITABLE, || {
-            splice(pipe.read.as_raw_fd(), to_fd, n)
-        }) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(m) => n -= m.min(n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
+        let mut guard = to.writable().await?;
+        match guard.try_io(|_| splice(pipe.read.as_raw_fd(), to_fd, n)) {
+            Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(Ok(m)) => n -= m.min(n),
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => {}
         }
     }
     Ok(())
 }
 
 async fn copy_one_way(
-    from: &TcpStream,
-    to: &TcpStream,
+    from: &Sock,
+    to: &Sock,
     buffer_size: usize,
     counter: &AtomicU64,
     activity: &Activity,
@@ -240,30 +258,47 @@ async fn copy_one_way(
     let mut pipe: Option<Pipe> = None;
     let from_fd = from.as_raw_fd();
     loop {
-        // Readiness is cleared only on `WouldBlock` (not after a short read, unlike
-        // `AsyncReadExt::read`, tokio#5866): with SO_OOBINLINE, Linux ends a read just before
-        // the urgent mark while more bytes are queued, and they would wait for the peer's
-        // next segment.
         let got = loop {
-            from.readable().await.map_err(Side::Reader)?;
+            let mut guard = from
+                .ready(Interest::READABLE | Interest::PRIORITY)
+                .await
+                .map_err(Side::Reader)?;
             if buf.is_empty() {
                 buf.resize(FIRST_BUFFER.min(buffer_size).max(1), 0);
             }
-            let r = match &pipe {
-                Some(p) => from.try_io(Interest::READABLE, || {
-                    fill(from_fd, p, &mut buf, buffer_size)
-                }),
-                None => from.try_read(&mut buf).map(Got::Buffered),
-            };
-            match r {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                r => break r.map_err(Side::Reader)?,
+            if let Some(p) = &pipe {
+                match guard.try_io(|_| fill(from_fd, p, &mut buf, buffer_size)) {
+                    Ok(r) => break r.map_err(Side::Reader)?,
+                    Err(_would_block) => continue,
+                }
+            }
+            // A read that returns less than the buffer holds has emptied the socket, so the
+            // readiness can be cleared at once instead of by a second read failing with
+            // `WouldBlock` (one system call fewer per small message). Except at an urgent
+            // mark: with SO_OOBINLINE, Linux ends a read just before the mark while the
+            // urgent byte and more are queued, and they would wait for the peer's next
+            // segment (tokio#5866 is the same trap in `AsyncReadExt::read`). A pending mark
+            // raises EPOLLPRI: while the readiness shows it, a short read clears nothing, and
+            // the wait above returns at once, so reads go on until `WouldBlock` (which clears
+            // both). A readiness event that arrives during the read makes the clearing a
+            // no-op (tokio compares the event tick), so nothing newer is lost.
+            let urgent_pending = guard.ready().is_priority();
+            match sys::recv(from_fd, &mut buf) {
+                Ok(n) => {
+                    if n > 0 && n < buf.len() && !urgent_pending {
+                        guard.clear_ready_matching(Ready::READABLE);
+                    }
+                    break Got::Buffered(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => guard.clear_ready(),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Side::Reader(e)),
             }
         };
         let n = match got {
             Got::Piped(0) | Got::Buffered(0) => {
                 // Pass the FIN on; the other direction keeps going (half-close).
-                socket2::SockRef::from(to)
+                socket2::SockRef::from(to.get_ref())
                     .shutdown(std::net::Shutdown::Write)
                     .map_err(Side::Writer)?;
                 return Ok(());
@@ -315,6 +350,14 @@ pub async fn relay(
     // by this engine (the MSOCKS engine in `mobile` does that).
     let _ = socket2::SockRef::from(&client).set_out_of_band_inline(true);
     let _ = socket2::SockRef::from(&server).set_out_of_band_inline(true);
+    let client = match register(client) {
+        Ok(s) => s,
+        Err(e) => return RelayEnd::ClientError(e),
+    };
+    let server = match register(server) {
+        Ok(s) => s,
+        Err(e) => return RelayEnd::ServerError(e),
+    };
     let activity = Activity {
         origin: Instant::now(),
         last_ms: AtomicU64::new(0),

@@ -192,3 +192,51 @@ fn urgent_bytes_arrive_inline_in_place_both_ways() {
     );
     assert!(got_down == sent_down, "downstream bytes differ");
 }
+
+/// Small messages ending in an urgent byte, each one segment: Linux ends the first read just
+/// before the urgent mark although the urgent byte is queued, and no further segment comes
+/// until the other side has the whole message. A relay that took the short read for an
+/// emptied socket would stall here until the read timeout.
+#[test]
+fn urgent_byte_at_the_end_of_a_small_segment_does_not_stall() {
+    /// Writes `before` and the urgent `mark` as one segment: corked, `before` waits, and the
+    /// urgent byte (which ignores the cork) takes it along.
+    fn send_message(s: &TcpStream, before: &[u8], mark: u8) {
+        let sock = socket2::SockRef::from(s);
+        sock.set_tcp_cork(true).expect("cork");
+        (&*s).write_all(before).expect("send");
+        sock.send_out_of_band(&[mark]).expect("send urgent");
+        sock.set_tcp_cork(false).expect("uncork");
+    }
+    let proxy = start_proxy();
+    let listener = TcpListener::bind("127.0.0.1:0").expect("server");
+    let target = listener.local_addr().expect("server address");
+    const ROUNDS: u8 = 20;
+    let server = thread::spawn(move || {
+        let (s, _) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        socket2::SockRef::from(&s)
+            .set_out_of_band_inline(true)
+            .expect("oobinline");
+        let mut got = [0u8; 3];
+        for i in 0..ROUNDS {
+            (&s).read_exact(&mut got)
+                .expect("upstream message (a stall at the urgent mark times out here)");
+            assert_eq!(got, [b'a', b'b', b'A' + i]);
+            send_message(&s, b"xy", b'a' + i);
+        }
+    });
+    let c = socks_connect(proxy, target);
+    socket2::SockRef::from(&c)
+        .set_out_of_band_inline(true)
+        .expect("oobinline");
+    let mut got = [0u8; 3];
+    for i in 0..ROUNDS {
+        send_message(&c, b"ab", b'A' + i);
+        (&c).read_exact(&mut got)
+            .expect("downstream message (a stall at the urgent mark times out here)");
+        assert_eq!(got, [b'x', b'y', b'a' + i]);
+    }
+    server.join().expect("server");
+}
