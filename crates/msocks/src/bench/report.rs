@@ -28,6 +28,8 @@ pub struct Results {
     date: String,
     code: String,
     load_before: String,
+    /// Niceness the suite and everything it started ran at, if it could be set.
+    pub niceness: Option<i32>,
     /// Fig. 11 rows.
     pub throughput: Vec<throughput::Row>,
     /// Table I rows.
@@ -62,6 +64,7 @@ impl Results {
             load_before: std::fs::read_to_string("/proc/loadavg")
                 .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
                 .unwrap_or_default(),
+            niceness: None,
             throughput: Vec::new(),
             latency: Vec::new(),
             memory: Vec::new(),
@@ -226,6 +229,18 @@ windows after {} ms of warm-up; the run took {:.0} s.",
 \"machine\" columns show all CPU use during each window (everything, not only this run), so \
 noise is visible.",
         r.load_before
+    );
+    let _ = writeln!(
+        md,
+        "* Priority: {}.",
+        match r.niceness {
+            Some(n) => format!(
+                "the suite, and with it every peer, load generator and sink it starts, ran at \
+niceness {n}, so that other work on the machine (at the default 0) disturbs it less; no \
+real-time scheduling"
+            ),
+            None => "the default niceness (lowering it failed)".to_owned(),
+        }
     );
     let _ = writeln!(
         md,
