@@ -456,9 +456,15 @@ fn latency_section(md: &mut String, r: &Results, fig_dir: &Path) -> Result<()> {
     let _ = writeln!(md, "## Request/response latency (the paper's Table I)\n");
     let _ = writeln!(
         md,
-        "One connection sends 1 byte to the echo server and waits for it to come back, {} times \
-per run after 200 ms of warm-up (TCP_NODELAY at both ends; blocking sockets in the load \
-generator). \"Added\" is the median round trip minus that of IP forwarding in the same run.\n",
+        "One connection per peer sends 1 byte to the echo server and waits for it to come back, \
+{} times per run after 200 ms of warm-up (TCP_NODELAY at both ends; blocking sockets in the \
+load generator). The peers are measured side by side: each repetition starts all of them, and \
+one load generator makes its round trips through them in turn (round i through every peer, \
+starting with a different one each round), so that the machine's changing load (it is shared) \
+falls on all of them alike; `msocks-kernel` runs on its own, because its eBPF program on the \
+proxy host's interfaces would also be in the other peers' path. The load generator's CPU is \
+its whole run's divided by the peers it served. \"Added\" is the median round trip minus that \
+of IP forwarding in the same run.\n",
         r.settings.rounds
     );
     let floor = r
