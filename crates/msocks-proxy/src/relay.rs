@@ -306,8 +306,14 @@ async fn copy_one_way(
                         // The read filled the buffer: more was waiting. Grow for the next.
                         buf.resize((buf.len() * 2).min(buffer_size), 0);
                     } else if pipe.is_none() {
-                        // Full-size reads: a bulk transfer. Splice from now on.
+                        // Full-size reads: a bulk transfer. Splice from now on; the buffer
+                        // is then only read into at an urgent mark, so a small one does
+                        // (at 1024 bulk sessions this keeps 28 MiB fewer).
                         pipe = Pipe::new().ok();
+                        if pipe.is_some() {
+                            buf.truncate(FIRST_BUFFER.min(buffer_size).max(1));
+                            buf.shrink_to_fit();
+                        }
                     }
                 }
                 n
