@@ -170,12 +170,26 @@ enum Got {
 /// reports "try again" although bytes are queued, or end of stream if the FIN is already in
 /// (which would lose the urgent byte and what follows it); a plain recv(2) reads on through
 /// the mark. So when splice finds nothing, one recv into `buf` tells an urgent mark (bytes)
-/// from a drained socket (`WouldBlock`, which is what clears the readiness) or the end.
-fn fill(from: RawFd, pipe: &Pipe, buf: &mut Vec<u8>, buffer_size: usize) -> io::Result<Got> {
+/// from a drained socket (`WouldBlock`, which is what clears the readiness) or the end. For
+/// "try again" only if `urgent_possible` (the socket's readiness shows a pending urgent mark,
+/// EPOLLPRI): otherwise splice's answer stands, which spares that recv on every drained
+/// socket (with many bulk sessions each one often has little to read per wake-up). That is
+/// safe even if a mark's readiness event comes in meanwhile: the clearing of the readiness is
+/// then a no-op (tokio compares event ticks), and the next wait returns at once.
+fn fill(
+    from: RawFd,
+    pipe: &Pipe,
+    buf: &mut Vec<u8>,
+    buffer_size: usize,
+    urgent_possible: bool,
+) -> io::Result<Got> {
     match splice(from, pipe.write.as_raw_fd(), SPLICE_CHUNK) {
-        Ok(0) => {} // End of stream, or an urgent mark right before the FIN: recv tells.
+        // End of stream, or an urgent mark right before the FIN: recv tells. Always, as
+        // the end is final: a mark that arrived after `urgent_possible` was read (its
+        // readiness event still to be seen) must not pass for the end. Once per direction.
+        Ok(0) => {}
         Ok(n) => return Ok(Got::Piped(n)),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && urgent_possible => {}
         Err(e) => return Err(e),
     }
     if buf.is_empty() {
@@ -257,7 +271,8 @@ async fn copy_one_way(
                 buf.resize(FIRST_BUFFER.min(buffer_size).max(1), 0);
             }
             if let Some(p) = &pipe {
-                match guard.try_io(|_| fill(from_fd, p, &mut buf, buffer_size)) {
+                let urgent_possible = guard.ready().is_priority();
+                match guard.try_io(|_| fill(from_fd, p, &mut buf, buffer_size, urgent_possible)) {
                     Ok(r) => break r.map_err(Side::Reader)?,
                     Err(_would_block) => continue,
                 }
