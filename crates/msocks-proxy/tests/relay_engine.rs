@@ -13,6 +13,11 @@ use sha2::{Digest, Sha256};
 
 /// Starts a proxy on 127.0.0.1 in a runtime of its own thread; returns its address.
 fn start_proxy() -> SocketAddr {
+    start_proxy_with(|_| {})
+}
+
+/// [`start_proxy`] with the configuration changed by `adjust` first.
+fn start_proxy_with(adjust: impl FnOnce(&mut ProxyConfig) + Send + 'static) -> SocketAddr {
     let (tx, rx) = std::sync::mpsc::channel();
     thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -21,10 +26,11 @@ fn start_proxy() -> SocketAddr {
             .build()
             .expect("runtime");
         rt.block_on(async move {
-            let config = ProxyConfig {
+            let mut config = ProxyConfig {
                 listen: vec!["127.0.0.1:0".parse().expect("address")],
                 ..ProxyConfig::default()
             };
+            adjust(&mut config);
             let proxy = Proxy::bind(config, None).await.expect("proxy binds");
             tx.send(proxy.local_addrs()[0]).expect("send address");
             proxy.run(std::future::pending()).await;
@@ -191,4 +197,128 @@ fn urgent_bytes_arrive_inline_in_place_both_ways() {
         "bytes lost or added downstream"
     );
     assert!(got_down == sent_down, "downstream bytes differ");
+}
+
+/// Writes `before` and the urgent `mark` as one segment: corked, `before` waits, and the
+/// urgent byte (which ignores the cork) takes it along.
+fn send_message(s: &TcpStream, before: &[u8], mark: u8) {
+    let sock = socket2::SockRef::from(s);
+    sock.set_tcp_cork(true).expect("cork");
+    (&*s).write_all(before).expect("send");
+    sock.send_out_of_band(&[mark]).expect("send urgent");
+    sock.set_tcp_cork(false).expect("uncork");
+}
+
+/// Small messages ending in an urgent byte, each one segment: Linux ends the first read just
+/// before the urgent mark although the urgent byte is queued, and no further segment comes
+/// until the other side has the whole message. A relay that took the short read for an
+/// emptied socket would stall here until the read timeout.
+#[test]
+fn urgent_byte_at_the_end_of_a_small_segment_does_not_stall() {
+    let proxy = start_proxy();
+    let listener = TcpListener::bind("127.0.0.1:0").expect("server");
+    let target = listener.local_addr().expect("server address");
+    const ROUNDS: u8 = 20;
+    let server = thread::spawn(move || {
+        let (s, _) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        socket2::SockRef::from(&s)
+            .set_out_of_band_inline(true)
+            .expect("oobinline");
+        let mut got = [0u8; 3];
+        for i in 0..ROUNDS {
+            (&s).read_exact(&mut got)
+                .expect("upstream message (a stall at the urgent mark times out here)");
+            assert_eq!(got, [b'a', b'b', b'A' + i]);
+            send_message(&s, b"xy", b'a' + i);
+        }
+    });
+    let c = socks_connect(proxy, target);
+    socket2::SockRef::from(&c)
+        .set_out_of_band_inline(true)
+        .expect("oobinline");
+    let mut got = [0u8; 3];
+    for i in 0..ROUNDS {
+        send_message(&c, b"ab", b'A' + i);
+        (&c).read_exact(&mut got)
+            .expect("downstream message (a stall at the urgent mark times out here)");
+        assert_eq!(got, [b'x', b'y', b'a' + i]);
+    }
+    server.join().expect("server");
+}
+
+/// The idle timeout counts from the last byte in either direction: a session that carries a
+/// message every third of the timeout stays open, one that then goes quiet is closed.
+#[test]
+fn idle_timeout_spares_a_busy_session_and_closes_a_quiet_one() {
+    const IDLE: Duration = Duration::from_millis(900);
+    let proxy = start_proxy_with(|c| c.limits.idle_timeout = IDLE);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("server");
+    let target = listener.local_addr().expect("server address");
+    let server = thread::spawn(move || {
+        let (s, _) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut b = [0u8; 1];
+        // Echo until the proxy closes the session.
+        while (&s).read(&mut b).map(|n| n == 1).unwrap_or(false) {
+            (&s).write_all(&b).expect("echo");
+        }
+    });
+    let c = socks_connect(proxy, target);
+    let mut b = [0u8; 1];
+    // Busy for three timeouts, alternately up and down.
+    for i in 0..9u8 {
+        (&c).write_all(&[i]).expect("send while busy");
+        (&c).read_exact(&mut b)
+            .expect("echo while busy (the session must not idle out)");
+        assert_eq!(b[0], i);
+        thread::sleep(IDLE / 3);
+    }
+    // Quiet: the proxy closes the session (the read timeout is 20 s).
+    let n = (&c).read(&mut b).expect("end of stream from the proxy");
+    assert_eq!(n, 0, "the idle session was closed");
+    server.join().expect("server");
+}
+
+/// The same after bulk data, when the direction has moved to splice(2), which stops at the
+/// urgent mark and then says "try again" although the urgent byte is queued: the relay must
+/// read on (recv) instead of waiting for a segment that does not come.
+#[test]
+fn urgent_byte_after_bulk_does_not_stall() {
+    const BULK: usize = 2_000_000;
+    let proxy = start_proxy();
+    let listener = TcpListener::bind("127.0.0.1:0").expect("server");
+    let target = listener.local_addr().expect("server address");
+    let server = thread::spawn(move || {
+        let (s, _) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        socket2::SockRef::from(&s)
+            .set_out_of_band_inline(true)
+            .expect("oobinline");
+        let mut bulk = vec![0u8; BULK];
+        (&s).read_exact(&mut bulk).expect("bulk");
+        assert!(bulk == pattern(5, BULK), "bulk bytes differ");
+        for i in 0..5u8 {
+            let mut got = [0u8; 3];
+            (&s).read_exact(&mut got)
+                .expect("message after bulk (a stall at the urgent mark times out here)");
+            assert_eq!(got, [b'a', b'b', b'A' + i]);
+            (&s).write_all(&[i]).expect("answer");
+        }
+    });
+    let c = socks_connect(proxy, target);
+    socket2::SockRef::from(&c)
+        .set_out_of_band_inline(true)
+        .expect("oobinline");
+    (&c).write_all(&pattern(5, BULK)).expect("bulk");
+    let mut b = [0u8; 1];
+    for i in 0..5u8 {
+        send_message(&c, b"ab", b'A' + i);
+        (&c).read_exact(&mut b).expect("answer");
+        assert_eq!(b[0], i);
+    }
+    server.join().expect("server");
 }

@@ -28,6 +28,8 @@ pub struct Results {
     date: String,
     code: String,
     load_before: String,
+    /// Niceness the suite and everything it started ran at, if it could be set.
+    pub niceness: Option<i32>,
     /// Fig. 11 rows.
     pub throughput: Vec<throughput::Row>,
     /// Table I rows.
@@ -62,6 +64,7 @@ impl Results {
             load_before: std::fs::read_to_string("/proc/loadavg")
                 .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
                 .unwrap_or_default(),
+            niceness: None,
             throughput: Vec::new(),
             latency: Vec::new(),
             memory: Vec::new(),
@@ -226,6 +229,18 @@ windows after {} ms of warm-up; the run took {:.0} s.",
 \"machine\" columns show all CPU use during each window (everything, not only this run), so \
 noise is visible.",
         r.load_before
+    );
+    let _ = writeln!(
+        md,
+        "* Priority: {}.",
+        match r.niceness {
+            Some(n) => format!(
+                "the suite, and with it every peer, load generator and sink it starts, ran at \
+niceness {n}, so that other work on the machine (at the default 0) disturbs it less; no \
+real-time scheduling"
+            ),
+            None => "the default niceness (lowering it failed)".to_owned(),
+        }
     );
     let _ = writeln!(
         md,
@@ -441,9 +456,15 @@ fn latency_section(md: &mut String, r: &Results, fig_dir: &Path) -> Result<()> {
     let _ = writeln!(md, "## Request/response latency (the paper's Table I)\n");
     let _ = writeln!(
         md,
-        "One connection sends 1 byte to the echo server and waits for it to come back, {} times \
-per run after 200 ms of warm-up (TCP_NODELAY at both ends; blocking sockets in the load \
-generator). \"Added\" is the median round trip minus that of IP forwarding in the same run.\n",
+        "One connection per peer sends 1 byte to the echo server and waits for it to come back, \
+{} times per run after 200 ms of warm-up (TCP_NODELAY at both ends; blocking sockets in the \
+load generator). The peers are measured side by side: each repetition starts all of them, and \
+one load generator makes its round trips through them in turn (round i through every peer, \
+starting with a different one each round), so that the machine's changing load (it is shared) \
+falls on all of them alike; `msocks-kernel` runs on its own, because its eBPF program on the \
+proxy host's interfaces would also be in the other peers' path. The load generator's CPU is \
+its whole run's divided by the peers it served. \"Added\" is the median round trip minus that \
+of IP forwarding in the same run.\n",
         r.settings.rounds
     );
     let floor = r
@@ -673,5 +694,17 @@ then. MSOCKS warm first opens a standby connection on the new link (authenticate
 once) while the old one carries the stream, then sends RECONNECT on it, as `msocks agent` \
 does. Both send the client's unacknowledged bytes right behind the RECONNECT (early resend, \
 PROTOCOL.md 3.7.1).\n"
+    );
+    let _ = writeln!(
+        md,
+        "Initial windows: the MSOCKS cold and warm rows run with the host routes to the proxy's \
+addresses that `msocks agent` installs on the mobile node (`msocks_agent::routes`: `initcwnd \
+{w} initrwnd {w}`). The first row runs without them, with the kernel's initial congestion \
+window of 10 segments: the connection the stream moves to is fresh or, for a standby \
+connection, idle (which restarts its window), every 16-byte record is a segment of its own \
+(TCP_NODELAY), and after 10 of them the sender waits about one round trip of the new link for \
+the first acknowledgments. MPTCP's subflows go to the server, not to the proxy's addresses, \
+so the routes do not change them.\n",
+        w = msocks_agent::routes::INIT_WINDOW
     );
 }

@@ -96,13 +96,21 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         .context("starting the async runtime")?;
     match &args.role {
         Role::Sink { discard, echo } => rt.block_on(sink(*discard, *echo)),
+        Role::Load(load) if load.mode == Mode::Pingpong => {
+            let vias = load
+                .via
+                .split(',')
+                .map(super::peers::Via::parse)
+                .collect::<Result<Vec<_>>>()?;
+            pingpong(&vias, load)
+        }
         Role::Load(load) => {
             let via = super::peers::Via::parse(&load.via)?;
             match load.mode {
-                Mode::Pingpong => pingpong(via, load),
                 Mode::Bulk => rt.block_on(bulk(via, load)),
                 Mode::Setup => rt.block_on(setup(via, load)),
                 Mode::Idle => rt.block_on(idle(via, load)),
+                Mode::Pingpong => unreachable!("matched above"),
             }
         }
     }
@@ -392,9 +400,17 @@ async fn idle(via: Via, args: &LoadArgs) -> Result<()> {
     Ok(())
 }
 
-fn pingpong(via: Via, args: &LoadArgs) -> Result<()> {
+/// Round trips through every one of `vias` in turn: round `i` goes through all of them, the
+/// first being `i mod n`, so that each sees the same moments of the machine's load (on a
+/// shared machine the load changes within seconds, far more than the differences measured).
+fn pingpong(vias: &[Via], args: &LoadArgs) -> Result<()> {
     ensure!(args.rounds > 0, "--rounds must be at least 1");
-    let mut s = open_blocking(via, args.target).context("opening the ping-pong connection")?;
+    ensure!(!vias.is_empty(), "--via must name at least one way");
+    let mut conns = vias
+        .iter()
+        .map(|&via| open_blocking(via, args.target))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("opening the ping-pong connections")?;
     say("READY");
     let mut byte = [0u8; 1];
     let mut round = |s: &mut std::net::TcpStream| -> Result<Duration> {
@@ -406,25 +422,60 @@ fn pingpong(via: Via, args: &LoadArgs) -> Result<()> {
     // Warm-up: caches, the proxy's lazy buffers, TCP's quick-ack mode.
     let warm_until = Instant::now() + args.warmup;
     while Instant::now() < warm_until {
-        round(&mut s)?;
+        for s in conns.iter_mut() {
+            round(s)?;
+        }
     }
     let c0 = self_cpu_seconds();
     say("MARK");
-    let mut us: Vec<f64> = Vec::with_capacity(args.rounds);
-    for _ in 0..args.rounds {
-        us.push(round(&mut s)?.as_secs_f64() * 1e6);
+    let n = conns.len();
+    let mut us: Vec<Vec<f64>> = vec![Vec::with_capacity(args.rounds); n];
+    for i in 0..args.rounds {
+        for j in 0..n {
+            let k = (i + j) % n;
+            us[k].push(round(&mut conns[k])?.as_secs_f64() * 1e6);
+        }
     }
     let cpu = self_cpu_seconds() - c0;
-    let mean = us.iter().sum::<f64>() / us.len() as f64;
-    us.sort_by(f64::total_cmp);
-    // Percentiles 0..=100, enough for the table and the distribution plot.
-    let q: Vec<f64> = (0..=100).map(|p| us[(p * (us.len() - 1)) / 100]).collect();
-    let p99 = us[(us.len() * 99 / 100).min(us.len() - 1)];
+    let per_way: Vec<serde_json::Value> = us
+        .into_iter()
+        .map(|mut v| {
+            let mean = v.iter().sum::<f64>() / v.len() as f64;
+            v.sort_by(f64::total_cmp);
+            // Percentiles 0..=100, enough for the table and the distribution plot.
+            let q: Vec<f64> = (0..=100).map(|p| v[(p * (v.len() - 1)) / 100]).collect();
+            let p99 = v[(v.len() * 99 / 100).min(v.len() - 1)];
+            serde_json::json!({"mean_us": mean, "p99_us": p99, "quantiles_us": q})
+        })
+        .collect();
     say(&format!(
         "RESULT {}",
-        serde_json::json!({"mean_us": mean, "p99_us": p99, "quantiles_us": q, "cpu": cpu})
+        serde_json::json!({"ways": per_way, "cpu": cpu})
     ));
     Ok(())
+}
+
+/// The arguments of a ping-pong load generator through every one of `vias` in turn.
+pub fn pingpong_args(
+    vias: &[Via],
+    target: SocketAddr,
+    warmup: Duration,
+    rounds: usize,
+) -> Vec<String> {
+    let mut args = load_args(
+        Mode::Pingpong,
+        Via::Direct,
+        target,
+        1,
+        warmup,
+        Duration::ZERO,
+        rounds,
+    );
+    let list: Vec<String> = vias.iter().map(|v| v.arg()).collect();
+    if let Some(i) = args.iter().position(|a| a == "--via") {
+        args[i + 1] = list.join(",");
+    }
+    args
 }
 
 /// A worker process started by the orchestrator; killed when dropped.

@@ -138,15 +138,25 @@ pub fn run(settings: &Settings) -> Result<HandoffResult> {
     };
     let mut methods = Vec::new();
 
+    // First without the agent's host routes (the kernel's initial windows of 10 segments),
+    // for comparison; then with them, as `msocks agent` runs.
     let proxy = crate::testbed_proxy::start(&tb)?;
-    let cold = msocks_moves(&tb, settings, MsocksMove::Cold, &settle);
+    let warm = msocks_moves(&tb, settings, MsocksMove::Warm, &settle, 0);
+    drop(proxy);
+    methods.push(outcome(
+        "MSOCKS warm, kernel's initial windows (no host route)",
+        warm,
+    ));
+    install_host_routes(&tb)?;
+    let proxy = crate::testbed_proxy::start(&tb)?;
+    let cold = msocks_moves(&tb, settings, MsocksMove::Cold, &settle, 1);
     drop(proxy);
     methods.push(outcome(
         "MSOCKS cold (new TCP connection + RECONNECT)",
         cold,
     ));
     let proxy = crate::testbed_proxy::start(&tb)?;
-    let warm = msocks_moves(&tb, settings, MsocksMove::Warm, &settle);
+    let warm = msocks_moves(&tb, settings, MsocksMove::Warm, &settle, 2);
     drop(proxy);
     methods.push(outcome(
         "MSOCKS warm (RECONNECT on a standby connection)",
@@ -395,18 +405,31 @@ fn in_mn<T: Send>(
     })?
 }
 
+/// Installs on the mobile node the host routes to the proxy's addresses that `msocks agent`
+/// installs (`msocks_agent::routes`), with their larger initial congestion and receive
+/// windows.
+fn install_host_routes(tb: &Testbed) -> Result<()> {
+    for link in Link::ALL {
+        let args = msocks_agent::routes::host_route_args(tb.px_ip(link).into(), None, link.mn_if());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        tb.mn
+            .ip(&args)
+            .with_context(|| format!("ip {}", args.join(" ")))?;
+    }
+    Ok(())
+}
+
+/// `index` numbers the MSOCKS methods of a run: each gets a server port of its own, as the
+/// previous method's listener may still be closing.
 fn msocks_moves(
     tb: &Testbed,
     settings: &Settings,
     how: MsocksMove,
     settle: &(dyn Fn(Link) -> Duration + Sync),
+    index: u16,
 ) -> Result<Vec<Move>> {
     eprintln!("  MSOCKS ({how:?}):");
-    // One port per method: the previous method's listener may still be closing.
-    let server_port = match how {
-        MsocksMove::Cold => MSOCKS_SERVER_PORT,
-        MsocksMove::Warm => MSOCKS_SERVER_PORT + 1,
-    };
+    let server_port = MSOCKS_SERVER_PORT + index;
     let stop = Arc::new(AtomicBool::new(false));
     let server_log: Log = Arc::default();
     let listener = tb

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 
 use crate::bench::peers::{self, Peer};
-use crate::bench::worker::{load_args, Mode};
+use crate::bench::worker::pingpong_args;
 use crate::bench::{attempt, measure, Ctx};
 
 /// One run of round trips.
@@ -39,7 +39,13 @@ pub struct Row {
     pub runs: Vec<Run>,
 }
 
-/// Runs the ping-pong for every peer, `reps` times, peers interleaved.
+/// Runs the ping-pong for every peer, `reps` times.
+///
+/// The peers run side by side: every repetition starts all of them, and one load generator
+/// does its round trips through them in turn (see `worker::pingpong`), so that the machine's
+/// changing load falls on all of them alike. Except `msocks-kernel`, which is measured in a
+/// run of its own: its eBPF program on the proxy host's interfaces would otherwise also be in
+/// the path of the other peers' packets.
 pub fn run(ctx: &Ctx<'_>, peers: &[Peer]) -> Result<Vec<Row>> {
     let s = ctx.settings;
     let mut rows: Vec<Row> = peers
@@ -49,49 +55,65 @@ pub fn run(ctx: &Ctx<'_>, peers: &[Peer]) -> Result<Vec<Row>> {
             runs: Vec::new(),
         })
         .collect();
+    let together: Vec<Peer> = peers
+        .iter()
+        .copied()
+        .filter(|&p| p != Peer::MsocksKernel)
+        .collect();
+    let mut groups: Vec<Vec<Peer>> = vec![together];
+    if peers.contains(&Peer::MsocksKernel) {
+        groups.push(vec![Peer::MsocksKernel]);
+    }
     for rep in 0..s.reps {
-        for row in rows.iter_mut() {
-            let Some((result, window)) = attempt(row.peer.name(), || {
-                let proc_ = peers::start(ctx.tb, row.peer)?;
-                let args = load_args(
-                    Mode::Pingpong,
-                    proc_.via(),
-                    ctx.echo,
-                    1,
-                    Duration::from_millis(200),
-                    Duration::ZERO,
-                    s.rounds,
-                );
-                measure(ctx, &proc_, &args, Duration::from_secs(120))
+        for group in groups.iter().filter(|g| !g.is_empty()) {
+            let names: Vec<&str> = group.iter().map(|p| p.name()).collect();
+            let Some((result, window)) = attempt(&names.join(", "), || {
+                let procs = group
+                    .iter()
+                    .map(|&p| peers::start(ctx.tb, p))
+                    .collect::<Result<Vec<_>>>()?;
+                let vias: Vec<_> = procs.iter().map(|p| p.via()).collect();
+                let args = pingpong_args(&vias, ctx.echo, Duration::from_millis(200), s.rounds);
+                // The proxy CPU of the window is not reported here; any peer will do.
+                measure(ctx, &procs[0], &args, Duration::from_secs(120))
             }) else {
                 continue;
             };
-            let num = |k: &str| {
-                result
-                    .get(k)
-                    .and_then(serde_json::Value::as_f64)
-                    .unwrap_or(f64::NAN)
-            };
-            let quantiles_us: Vec<f64> = result
-                .get("quantiles_us")
+            let ways = result
+                .get("ways")
                 .and_then(serde_json::Value::as_array)
-                .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect())
+                .cloned()
                 .unwrap_or_default();
-            let run = Run {
-                mean_us: num("mean_us"),
-                p99_us: num("p99_us"),
-                quantiles_us,
-                load_cpu: window.load_cpu,
-            };
-            eprintln!(
-                "  rep {} {:>10}: mean {:7.1} µs  median {:7.1} µs  p99 {:7.1} µs",
-                rep + 1,
-                row.peer.name(),
-                run.mean_us,
-                run.median_us(),
-                run.p99_us
-            );
-            row.runs.push(run);
+            for (peer, way) in group.iter().zip(ways) {
+                let num = |k: &str| {
+                    way.get(k)
+                        .and_then(serde_json::Value::as_f64)
+                        .unwrap_or(f64::NAN)
+                };
+                let quantiles_us: Vec<f64> = way
+                    .get("quantiles_us")
+                    .and_then(serde_json::Value::as_array)
+                    .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect())
+                    .unwrap_or_default();
+                let run = Run {
+                    mean_us: num("mean_us"),
+                    p99_us: num("p99_us"),
+                    quantiles_us,
+                    // The load generator served the whole group: its share per peer.
+                    load_cpu: window.load_cpu / group.len() as f64,
+                };
+                eprintln!(
+                    "  rep {} {:>10}: mean {:7.1} µs  median {:7.1} µs  p99 {:7.1} µs",
+                    rep + 1,
+                    peer.name(),
+                    run.mean_us,
+                    run.median_us(),
+                    run.p99_us
+                );
+                if let Some(row) = rows.iter_mut().find(|r| r.peer == *peer) {
+                    row.runs.push(run);
+                }
+            }
         }
     }
     Ok(rows)
