@@ -10,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::info;
 
-use crate::config::EngineKind;
+use crate::config::{EngineConfig, EngineKind};
 use crate::relay::Traffic;
 use crate::server::Shared;
 
@@ -34,6 +34,91 @@ const POLL: Duration = Duration::from_millis(100);
 /// rewritten rather than answered with a RST by the proxy's own stack.
 #[cfg(target_os = "linux")]
 const LINGER: Duration = Duration::from_secs(2);
+
+/// The MSS a listener at an IPv6 (`ipv6`) or IPv4 address announces under `engine`: none
+/// for the relay engine or `mss = 0`, else `mss`, else the smallest MTU of the attached
+/// interfaces less the headers. Announced once in the SYN-ACK and never changeable later,
+/// it must already fit every path a session may be spliced to (docs/KERNEL-SPLICE.md).
+pub(crate) fn listener_mss(engine: &EngineConfig, ipv6: bool) -> Option<u32> {
+    if engine.kind != EngineKind::Kernel {
+        return None;
+    }
+    match engine.mss {
+        Some(0) => None,
+        Some(mss) => Some(mss),
+        None => auto_mss(&engine.interfaces, ipv6),
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn auto_mss(interfaces: &[String], ipv6: bool) -> Option<u32> {
+    let names = if interfaces.is_empty() {
+        msocks_splice::loader::default_interfaces()
+    } else {
+        Ok(interfaces.to_vec())
+    };
+    match names.and_then(|n| msocks_splice::loader::mss_for_interfaces(&n, ipv6)) {
+        Ok(Some(mss)) => {
+            info!(
+                mss,
+                "kernel engine: clamping the MSS to the attached interfaces' MTU"
+            );
+            Some(mss)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(
+                "kernel engine: cannot read the interfaces' MTU ({e}); MSS not clamped, \
+                 sessions over a smaller-MTU link will be relayed"
+            );
+            None
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn auto_mss(_interfaces: &[String], _ipv6: bool) -> Option<u32> {
+    None
+}
+
+/// Sets `TCP_MAXSEG` on a socket before `listen` or `connect`.
+#[cfg(target_os = "linux")]
+pub(crate) fn set_maxseg(socket: &impl std::os::fd::AsFd, mss: u32) -> std::io::Result<()> {
+    msocks_splice::repair::set_maxseg(socket.as_fd(), mss)
+}
+
+/// Sets `TCP_MAXSEG` on a socket before `listen` or `connect` (only Linux clamps).
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn set_maxseg<T>(_socket: &T, _mss: u32) -> std::io::Result<()> {
+    Ok(())
+}
+
+/// The MSS the session accepted on `client` clamps its connection to the destination to,
+/// under the kernel engine: the MSS the proxy announced to the client. The server is then
+/// told no more than the client was (what the server sends fits the client's leg as far as
+/// the proxy promised it), and the proxy sends the server no more than the client may send
+/// (so the client's segments fit the server). `None` for the relay engine, `mss = 0`, or
+/// when the announced MSS cannot be read.
+pub(crate) fn connect_mss(engine: &EngineConfig, client: &TcpStream) -> Option<u32> {
+    if engine.kind != EngineKind::Kernel || engine.mss == Some(0) {
+        return None;
+    }
+    announced_mss(client)
+}
+
+#[cfg(target_os = "linux")]
+fn announced_mss(client: &TcpStream) -> Option<u32> {
+    use std::os::fd::AsFd;
+    msocks_splice::repair::info(client.as_fd())
+        .ok()
+        .map(|i| i.advmss)
+        .filter(|&m| m > 0)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn announced_mss(_client: &TcpStream) -> Option<u32> {
+    None
+}
 
 /// Runs the session on the kernel engine when it is configured and possible.
 pub(crate) async fn run(

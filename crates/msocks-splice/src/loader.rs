@@ -288,3 +288,56 @@ pub fn default_interfaces() -> Result<Vec<String>, Error> {
     }
     Ok(names)
 }
+
+/// MTU of the interface `name` (in the calling thread's network
+/// namespace: read with `SIOCGIFMTU` on a socket, not from `/sys`, which
+/// shows the namespace sysfs was mounted in).
+pub fn interface_mtu(name: &str) -> Result<u32, Error> {
+    let sock_err = |op: &'static str| move |source: std::io::Error| Error::Socket { op, source };
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+        return Err(Error::Incompatible(format!(
+            "{name:?} is not an interface name"
+        )));
+    }
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::]:0"))
+        .map_err(sock_err("socket"))?;
+    // SAFETY: `ifreq` is plain old data (a name array and a union of
+    // integers and addresses), so all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFMTU reads the NUL-terminated name (zeroed above past
+    // its length, which is below IFNAMSIZ) and writes one c_int into the
+    // union of `req`, which lives on our stack for the call; the socket is
+    // open for the call.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SIOCGIFMTU as _,
+            &mut req as *mut libc::ifreq,
+        )
+    };
+    if rc != 0 {
+        return Err(sock_err("SIOCGIFMTU")(std::io::Error::last_os_error()));
+    }
+    // SAFETY: SIOCGIFMTU succeeded, so the kernel filled `ifru_mtu`.
+    let mtu = unsafe { req.ifr_ifru.ifru_mtu };
+    u32::try_from(mtu).map_err(|_| Error::Incompatible(format!("{name}: MTU {mtu}")))
+}
+
+/// The MSS both of a spliced session's connections should announce so
+/// that no segment either peer sends is too big for any of `interfaces`:
+/// the smallest MTU less the IP and TCP headers (40 bytes for IPv4, 60
+/// for IPv6). `None` when `interfaces` is empty.
+pub fn mss_for_interfaces(interfaces: &[String], ipv6: bool) -> Result<Option<u32>, Error> {
+    let headers = if ipv6 { 60 } else { 40 };
+    let mut smallest: Option<u32> = None;
+    for name in interfaces {
+        let mtu = interface_mtu(name)?;
+        smallest = Some(smallest.map_or(mtu, |m| m.min(mtu)));
+    }
+    Ok(smallest.map(|m| m.saturating_sub(headers)))
+}
