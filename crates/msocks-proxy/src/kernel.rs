@@ -27,9 +27,16 @@ pub(crate) enum KernelRun {
     },
 }
 
-/// How often a live splice is checked for its end (both FINs acknowledged, or a RST).
+/// When a live splice is first checked for its end (both FINs acknowledged, or a RST); the
+/// interval then doubles up to [`POLL_MAX`].
 #[cfg(target_os = "linux")]
-const POLL: Duration = Duration::from_millis(100);
+const POLL_FIRST: Duration = Duration::from_millis(10);
+/// Longest interval between two checks of a live splice.
+#[cfg(target_os = "linux")]
+const POLL_MAX: Duration = Duration::from_secs(1);
+/// How long the drain waits before looking again at queues that are waiting for a peer's ACK.
+#[cfg(target_os = "linux")]
+const DRAIN_RETRY: Duration = Duration::from_millis(1);
 /// How long a finished splice's entries stay, so a retransmitted last FIN or ACK is still
 /// rewritten rather than answered with a RST by the proxy's own stack.
 #[cfg(target_os = "linux")]
@@ -201,7 +208,7 @@ async fn spliced(
     server: TcpStream,
     traffic: &Traffic,
 ) -> KernelRun {
-    use msocks_splice::Status;
+    use msocks_splice::{Drain, Status};
     use std::sync::atomic::Ordering;
 
     let (c, s) = match (client.into_std(), server.into_std()) {
@@ -210,11 +217,22 @@ async fn spliced(
         // then gone with the error.
         (Err(e), _) | (_, Err(e)) => return KernelRun::Ended(format!("kernel engine: {e}")),
     };
-    let interfaces = shared.config.engine.interfaces.clone();
-    let drain = shared.config.engine.drain_timeout;
-    // Loading (the verifier) and the freeze (up to `drain`) block: off the reactor.
-    let attempt = tokio::task::spawn_blocking(move || match engine(&interfaces) {
-        Some(e) => e.splice(c, s, drain),
+    // Loading (the verifier) blocks, once per process: off the reactor. Every later session
+    // finds the engine loaded.
+    let engine = match ENGINE.get() {
+        Some(e) => e.as_ref(),
+        None => {
+            let interfaces = shared.config.engine.interfaces.clone();
+            match tokio::task::spawn_blocking(move || engine(&interfaces)).await {
+                Ok(e) => e,
+                Err(e) => return KernelRun::Ended(format!("kernel engine task: {e}")),
+            }
+        }
+    };
+    // Steps 1-2 (checks, HOLD) are a few non-blocking system calls; the drain is driven here,
+    // waiting on the runtime's timer rather than in a thread of its own.
+    let attempt = match engine {
+        Some(e) => e.hold(c, s),
         None => Err(Box::new(msocks_splice::Refused {
             error: msocks_splice::Error::Unavailable,
             client: c,
@@ -222,11 +240,31 @@ async fn spliced(
             pending_to_server: Vec::new(),
             pending_to_client: Vec::new(),
         })),
-    })
-    .await;
+    };
+    let attempt = match attempt {
+        Ok(mut holding) => {
+            let deadline = tokio::time::Instant::now() + shared.config.engine.drain_timeout;
+            loop {
+                match holding.drain_step() {
+                    Ok(Drain::Quiet) => break holding.finish(),
+                    Ok(step) => {
+                        if tokio::time::Instant::now() >= deadline {
+                            break Err(holding.abandon(msocks_splice::Error::DrainTimeout));
+                        }
+                        if step == Drain::Waiting {
+                            // An ACK from a peer has no readiness event: look again soon.
+                            tokio::time::sleep(DRAIN_RETRY).await;
+                        }
+                    }
+                    Err(e) => break Err(holding.abandon(e)),
+                }
+            }
+        }
+        Err(refused) => Err(refused),
+    };
     let spliced = match attempt {
-        Ok(Ok(sp)) => sp,
-        Ok(Err(refused)) => {
+        Ok(sp) => sp,
+        Err(refused) => {
             let r = *refused;
             info!(session, engine = "relay", reason = %r.error, "engine: not spliced");
             let back = r
@@ -262,7 +300,6 @@ async fn spliced(
                 early_sent: true,
             };
         }
-        Err(e) => return KernelRun::Ended(format!("kernel engine task: {e}")),
     };
     info!(session, engine = "kernel", "engine: spliced");
     // `idle_timeout` as the relay applies it: no segment either way for that long ends the
@@ -270,15 +307,16 @@ async fn spliced(
     let idle_timeout = shared.config.limits.idle_timeout;
     let mut last_packets = 0u64;
     let mut last_move = tokio::time::Instant::now();
-    let end = loop {
+    let mut poll = POLL_FIRST;
+    let (end, finished) = loop {
         tokio::select! {
-            () = shared.abort.cancelled() => break "shut down".to_owned(),
-            () = tokio::time::sleep(POLL) => match spliced.status() {
-                Ok(Status::Finished) => {
-                    tokio::time::sleep(LINGER).await;
-                    break "completed (kernel splice)".to_owned();
-                }
+            () = shared.abort.cancelled() => break ("shut down".to_owned(), false),
+            () = tokio::time::sleep(poll) => match spliced.status() {
+                Ok(Status::Finished) => break ("completed (kernel splice)".to_owned(), true),
                 Ok(Status::Active) => {
+                    // Short sessions are seen to end soon; a long one costs a map read
+                    // per POLL_MAX at most.
+                    poll = (poll * 2).min(POLL_MAX);
                     let packets = spliced
                         .entries()
                         .map(|(up, down)| up.packets.wrapping_add(down.packets))
@@ -287,14 +325,15 @@ async fn spliced(
                         last_packets = packets;
                         last_move = tokio::time::Instant::now();
                     } else if !idle_timeout.is_zero() && last_move.elapsed() >= idle_timeout {
-                        break "idle timeout (kernel splice)".to_owned();
+                        break ("idle timeout (kernel splice)".to_owned(), false);
                     }
                 }
-                Err(e) => break format!("kernel splice: {e}"),
+                Err(e) => break (format!("kernel splice: {e}"), false),
             },
         }
     };
-    // What the drain copied before the splice, then what crossed it.
+    // What the drain copied before the splice, then what crossed it (final once both FINs
+    // are acknowledged).
     let (drained_up, drained_down) = spliced.drained();
     traffic.up.fetch_add(drained_up, Ordering::Relaxed);
     traffic.down.fetch_add(drained_down, Ordering::Relaxed);
@@ -302,6 +341,16 @@ async fn spliced(
         traffic.up.fetch_add(up, Ordering::Relaxed);
         traffic.down.fetch_add(down, Ordering::Relaxed);
     }
-    spliced.teardown();
+    if finished {
+        // The session is over; its entries stay a little longer on a task of their own so
+        // that a retransmitted last FIN or ACK is still rewritten, without holding the
+        // session's slot. Dropped with the runtime at shutdown, which tears down at once.
+        tokio::spawn(async move {
+            tokio::time::sleep(LINGER).await;
+            spliced.teardown();
+        });
+    } else {
+        spliced.teardown();
+    }
     KernelRun::Ended(end)
 }

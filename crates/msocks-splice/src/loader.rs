@@ -341,3 +341,39 @@ pub fn mss_for_interfaces(interfaces: &[String], ipv6: bool) -> Result<Option<u3
     }
     Ok(smallest.map(|m| m.saturating_sub(headers)))
 }
+
+/// [`ifindex_of_addr`] of two addresses with one walk of the interface
+/// list (the splice needs both, once per session).
+pub fn ifindexes_of_addrs(a: std::net::IpAddr, b: std::net::IpAddr) -> Result<(u32, u32), Error> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| Error::Socket {
+        op: "getifaddrs",
+        source: e.into(),
+    })?;
+    let holds = |sa: &nix::sys::socket::SockaddrStorage, ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V4(v4) => sa.as_sockaddr_in().is_some_and(|s| s.ip() == v4),
+        std::net::IpAddr::V6(v6) => sa.as_sockaddr_in6().is_some_and(|s| s.ip() == v6),
+    };
+    let (mut name_a, mut name_b) = (None, None);
+    for ifa in addrs {
+        let Some(sa) = ifa.address else { continue };
+        if name_a.is_none() && holds(&sa, a) {
+            name_a = Some(ifa.interface_name.clone());
+        }
+        if name_b.is_none() && holds(&sa, b) {
+            name_b = Some(ifa.interface_name);
+        }
+        if name_a.is_some() && name_b.is_some() {
+            break;
+        }
+    }
+    let index = |name: Option<String>, ip: std::net::IpAddr| -> Result<u32, Error> {
+        let name = name.ok_or_else(|| {
+            Error::Incompatible(format!("no interface holds the proxy address {ip}"))
+        })?;
+        nix::net::if_::if_nametoindex(name.as_str()).map_err(|e| Error::Socket {
+            op: "if_nametoindex",
+            source: e.into(),
+        })
+    };
+    Ok((index(name_a, a)?, index(name_b, b)?))
+}
