@@ -65,9 +65,12 @@ tokio::task_local! {
     static CONNECT_MSS: u32;
 }
 
-/// Runs `session` with its connections to destinations clamped to `mss`.
-pub(crate) async fn with_connect_mss<F: std::future::Future>(mss: u32, session: F) -> F::Output {
-    CONNECT_MSS.scope(mss, session).await
+/// `session`, with its connections to destinations clamped to `mss`.
+pub(crate) fn with_connect_mss<F: std::future::Future>(
+    mss: u32,
+    session: F,
+) -> tokio::task::futures::TaskLocalFuture<u32, F> {
+    CONNECT_MSS.scope(mss, session)
 }
 
 async fn connect_one(addr: SocketAddr) -> io::Result<TcpStream> {

@@ -127,6 +127,22 @@ fn announced_mss(_client: &TcpStream) -> Option<u32> {
     None
 }
 
+/// Loads the engine now, when `engine` asks for the kernel one, rather than at the first
+/// session: that session does not wait for the verifier, and the memory the load leaves is
+/// the idle proxy's, not charged to the first sessions. Off the reactor (it blocks).
+pub(crate) async fn preload(engine: &EngineConfig) {
+    #[cfg(target_os = "linux")]
+    if engine.kind == EngineKind::Kernel && ENGINE.get().is_none() {
+        let interfaces = engine.interfaces.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            self::engine(&interfaces);
+        })
+        .await;
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = engine;
+}
+
 /// Runs the session on the kernel engine when it is configured and possible.
 pub(crate) async fn run(
     shared: &Shared,

@@ -156,6 +156,7 @@ impl Proxy {
                 bind_listener(addr, mss).map_err(|source| StartError::Listen { addr, source })?;
             listeners.push(listener);
         }
+        crate::kernel::preload(&config.engine).await;
         let shared = Arc::new(Shared {
             rules: RuleSet::new(config.rules.clone()),
             handshakes: HandshakeSlots::new(config.limits.max_handshakes),
@@ -258,12 +259,12 @@ async fn accept_loop(
                 let slot = shared.handshakes.enter();
                 let mss = crate::kernel::connect_mss(&shared.config.engine, &stream);
                 let session = session::serve(shared.clone(), stream, peer, id, slot);
-                tracker.spawn(async move {
-                    match mss {
-                        Some(mss) => crate::connect::with_connect_mss(mss, session).await,
-                        None => session.await,
-                    }
-                });
+                // One spawn per case: a future holding both would be twice the session's
+                // size, for every session.
+                match mss {
+                    Some(mss) => tracker.spawn(crate::connect::with_connect_mss(mss, session)),
+                    None => tracker.spawn(session),
+                };
             }
             Err(e) => {
                 // Out of descriptors or memory: back off instead of spinning, and say so at

@@ -63,7 +63,13 @@ impl Datapath {
     /// Loads the object into the kernel and verifies the program. Needs
     /// `CAP_BPF` and `CAP_NET_ADMIN` (root).
     pub fn load() -> Result<Datapath, Error> {
-        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| Error::Load(boxed(e)))?;
+        // No kernel BTF: the program has no CO-RE relocations, and parsing
+        // /sys/kernel/btf/vmlinux would cost the process tens of MiB of heap
+        // for nothing.
+        let mut ebpf = aya::EbpfLoader::new()
+            .btf(None)
+            .load(OBJECT)
+            .map_err(|e| Error::Load(boxed(e)))?;
         let prog: &mut SchedClassifier = ebpf
             .program_mut(PROGRAM)
             .ok_or(Error::Missing(PROGRAM))?
