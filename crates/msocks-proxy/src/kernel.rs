@@ -34,9 +34,13 @@ const POLL_FIRST: Duration = Duration::from_millis(10);
 /// Longest interval between two checks of a live splice.
 #[cfg(target_os = "linux")]
 const POLL_MAX: Duration = Duration::from_secs(1);
-/// How long the drain waits before looking again at queues that are waiting for a peer's ACK.
+/// How long the drain first waits before looking again at queues that are waiting for a
+/// peer's ACK; the wait doubles up to [`DRAIN_RETRY_MAX`].
 #[cfg(target_os = "linux")]
 const DRAIN_RETRY: Duration = Duration::from_millis(1);
+/// Longest wait between two looks at the queues in the drain.
+#[cfg(target_os = "linux")]
+const DRAIN_RETRY_MAX: Duration = Duration::from_millis(32);
 /// How long a finished splice's entries stay, so a retransmitted last FIN or ACK is still
 /// rewritten rather than answered with a RST by the proxy's own stack.
 #[cfg(target_os = "linux")]
@@ -216,6 +220,18 @@ fn engine(interfaces: &[String]) -> Option<&'static msocks_splice::Engine> {
         .as_ref()
 }
 
+/// What [`msocks_splice::Spliced::status`] calls `Finished`, from entries already read: both
+/// FINs acknowledged, or a RST went through.
+#[cfg(target_os = "linux")]
+fn finished_entries(
+    up: &msocks_splice::maps::SpliceVal,
+    down: &msocks_splice::maps::SpliceVal,
+) -> bool {
+    use msocks_splice::maps::{EV_FIN_ACKED, EV_RST};
+    let fins = up.events & EV_FIN_ACKED != 0 && down.events & EV_FIN_ACKED != 0;
+    fins || (up.events | down.events) & EV_RST != 0
+}
+
 #[cfg(target_os = "linux")]
 async fn spliced(
     shared: &Shared,
@@ -224,7 +240,7 @@ async fn spliced(
     server: TcpStream,
     traffic: &Traffic,
 ) -> KernelRun {
-    use msocks_splice::{Drain, Status};
+    use msocks_splice::Drain;
     use std::sync::atomic::Ordering;
 
     let (c, s) = match (client.into_std(), server.into_std()) {
@@ -260,6 +276,7 @@ async fn spliced(
     let attempt = match attempt {
         Ok(mut holding) => {
             let deadline = tokio::time::Instant::now() + shared.config.engine.drain_timeout;
+            let mut retry = DRAIN_RETRY;
             loop {
                 match holding.drain_step() {
                     Ok(Drain::Quiet) => break holding.finish(),
@@ -268,8 +285,11 @@ async fn spliced(
                             break Err(holding.abandon(msocks_splice::Error::DrainTimeout));
                         }
                         if step == Drain::Waiting {
-                            // An ACK from a peer has no readiness event: look again soon.
-                            tokio::time::sleep(DRAIN_RETRY).await;
+                            // An ACK from a peer has no readiness event: look again soon,
+                            // then less often (an ACK that rode on a FIN dropped in HOLD
+                            // only comes back with a retransmission).
+                            tokio::time::sleep(retry).await;
+                            retry = (retry * 2).min(DRAIN_RETRY_MAX);
                         }
                     }
                     Err(e) => break Err(holding.abandon(e)),
@@ -283,16 +303,10 @@ async fn spliced(
         Err(refused) => {
             let r = *refused;
             info!(session, engine = "relay", reason = %r.error, "engine: not spliced");
-            let back = r
-                .client
-                .set_nonblocking(true)
-                .and_then(|()| r.server.set_nonblocking(true))
-                .and_then(|()| {
-                    Ok((
-                        TcpStream::from_std(r.client)?,
-                        TcpStream::from_std(r.server)?,
-                    ))
-                });
+            // `hold` hands refused sockets back as given and `abandon` non-blocking: they
+            // are non-blocking, as the reactor needs.
+            let back =
+                TcpStream::from_std(r.client).and_then(|c| Ok((c, TcpStream::from_std(r.server)?)));
             let (mut client, mut server) = match back {
                 Ok(pair) => pair,
                 Err(e) => return KernelRun::Ended(format!("kernel engine fallback: {e}")),
@@ -327,16 +341,16 @@ async fn spliced(
     let (end, finished) = loop {
         tokio::select! {
             () = shared.abort.cancelled() => break ("shut down".to_owned(), false),
-            () = tokio::time::sleep(poll) => match spliced.status() {
-                Ok(Status::Finished) => break ("completed (kernel splice)".to_owned(), true),
-                Ok(Status::Active) => {
+            // One read of both entries per check gives the end and the activity.
+            () = tokio::time::sleep(poll) => match spliced.entries() {
+                Ok((up, down)) if finished_entries(&up, &down) => {
+                    break ("completed (kernel splice)".to_owned(), true)
+                }
+                Ok((up, down)) => {
                     // Short sessions are seen to end soon; a long one costs a map read
                     // per POLL_MAX at most.
                     poll = (poll * 2).min(POLL_MAX);
-                    let packets = spliced
-                        .entries()
-                        .map(|(up, down)| up.packets.wrapping_add(down.packets))
-                        .unwrap_or(last_packets);
+                    let packets = up.packets.wrapping_add(down.packets);
                     if packets != last_packets {
                         last_packets = packets;
                         last_move = tokio::time::Instant::now();

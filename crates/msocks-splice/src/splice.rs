@@ -216,23 +216,29 @@ pub fn splice_with(
     server: TcpStream,
     options: &Options,
 ) -> Result<Spliced, Box<Refused>> {
-    let mut holding = hold(datapath, client, server)?;
+    // Refused sockets come back blocking, as `splice` documents.
+    let blocking = |r: Box<Refused>| {
+        let _ = r.client.set_nonblocking(false);
+        let _ = r.server.set_nonblocking(false);
+        r
+    };
+    let mut holding = hold(datapath, client, server).map_err(blocking)?;
     if !options.hold_settle.is_zero() {
         std::thread::sleep(options.hold_settle);
     }
     let deadline = Instant::now() + options.drain_timeout;
     loop {
         match holding.drain_step() {
-            Ok(Drain::Quiet) => return holding.finish(),
+            Ok(Drain::Quiet) => return holding.finish().map_err(blocking),
             Ok(step) => {
                 if Instant::now() >= deadline {
-                    return Err(holding.abandon(Error::DrainTimeout));
+                    return Err(blocking(holding.abandon(Error::DrainTimeout)));
                 }
                 if step == Drain::Waiting {
                     std::thread::sleep(Duration::from_millis(1));
                 }
             }
-            Err(e) => return Err(holding.abandon(e)),
+            Err(e) => return Err(blocking(holding.abandon(e))),
         }
     }
 }
@@ -242,14 +248,14 @@ pub fn splice_with(
 /// are left non-blocking. Drive the result with [`Holding::drain_step`]
 /// until it says [`Drain::Quiet`], then [`Holding::finish`] — or give up
 /// with [`Holding::abandon`]. [`splice_with`] is that loop, blocking.
+///
+/// A refusal hands the sockets back as they were given (blocking or not).
 pub fn hold(
     datapath: &SharedDatapath,
     client: TcpStream,
     server: TcpStream,
 ) -> Result<Holding, Box<Refused>> {
     let refuse = |error: Error, client: TcpStream, server: TcpStream| {
-        let _ = client.set_nonblocking(false);
-        let _ = server.set_nonblocking(false);
         Box::new(Refused {
             error,
             client,
@@ -257,6 +263,15 @@ pub fn hold(
             pending_to_server: Vec::new(),
             pending_to_client: Vec::new(),
         })
+    };
+    // `TCP_INFO` first: a session whose client has already closed (the
+    // usual refusal) costs two system calls.
+    let infos = repair::info(client.as_fd())
+        .and_then(|c| Ok((c, repair::info(server.as_fd())?)))
+        .map_err(sock_err("TCP_INFO"));
+    let (c_info, s_info) = match infos.and_then(|(c, s)| compatible(&c, &s).map(|()| (c, s))) {
+        Ok(i) => i,
+        Err(e) => return Err(refuse(e, client, server)),
     };
     let addrs = (|| -> Result<_, Error> {
         Ok((
@@ -277,13 +292,6 @@ pub fn hold(
             server,
         ));
     }
-    let infos = repair::info(client.as_fd())
-        .and_then(|c| Ok((c, repair::info(server.as_fd())?)))
-        .map_err(sock_err("TCP_INFO"));
-    let (c_info, s_info) = match infos.and_then(|(c, s)| compatible(&c, &s).map(|()| (c, s))) {
-        Ok(i) => i,
-        Err(e) => return Err(refuse(e, client, server)),
-    };
     let (s_ifindex, c_ifindex) = match crate::loader::ifindexes_of_addrs(s_local.ip(), c_local.ip())
     {
         Ok(i) => i,
@@ -470,7 +478,8 @@ impl Holding {
 
     /// Gives up before step 5: removes the entries, takes the sockets out
     /// of repair mode (if they got that far) without sending anything, and
-    /// hands them back, blocking, with the bytes read and not yet written.
+    /// hands them back, non-blocking, with the bytes read and not yet
+    /// written.
     /// Nothing is lost: what the datapath dropped in HOLD was acknowledged
     /// by nobody, and its senders retransmit it to the unfrozen sockets.
     pub fn abandon(mut self, error: Error) -> Box<Refused> {
@@ -482,8 +491,6 @@ impl Holding {
         };
         let _ = repair::set_repair(client.as_fd(), false);
         let _ = repair::set_repair(server.as_fd(), false);
-        let _ = client.set_nonblocking(false);
-        let _ = server.set_nonblocking(false);
         let pending = std::mem::take(&mut self.pending);
         Box::new(Refused {
             error,
@@ -568,8 +575,6 @@ fn drain_pass(
                         });
                     }
                 }
-            } else if peer_closed(from)? {
-                return Err(Error::PeerClosed);
             }
         }
         if !queue.is_empty() {
@@ -595,15 +600,23 @@ fn drain_pass(
     if !pending.to_server.is_empty() || !pending.to_client.is_empty() {
         return Ok(Drain::Waiting);
     }
+    // Both receive queues were empty above. Waiting for the peers' ACKs is
+    // the usual case: check the send queues before anything else.
     for s in [client, server] {
-        repair::quickack(s.as_fd()).map_err(sock_err("TCP_QUICKACK"))?;
-    }
-    for s in [client, server] {
-        let q = repair::inq(s.as_fd()).map_err(sock_err("SIOCINQ"))?
-            + repair::outq(s.as_fd()).map_err(sock_err("SIOCOUTQ"))?;
-        if q != 0 {
+        if repair::outq(s.as_fd()).map_err(sock_err("SIOCOUTQ"))? != 0 {
             return Ok(Drain::Waiting);
         }
+    }
+    // Quiet. A peer's FIN already in (before HOLD; HOLD drops FINs) makes
+    // the connection half-closed, which is not spliced. Then the ACKs the
+    // sockets owe go out now, not from a delayed-ACK timer after the freeze.
+    for s in [client, server] {
+        if peer_closed(s)? {
+            return Err(Error::PeerClosed);
+        }
+    }
+    for s in [client, server] {
+        repair::quickack(s.as_fd()).map_err(sock_err("TCP_QUICKACK"))?;
     }
     Ok(Drain::Quiet)
 }
