@@ -30,7 +30,7 @@ pub(crate) enum KernelRun {
 /// When a live splice is first checked for its end (both FINs acknowledged, or a RST); the
 /// interval then doubles up to [`POLL_MAX`].
 #[cfg(target_os = "linux")]
-const POLL_FIRST: Duration = Duration::from_millis(10);
+const POLL_FIRST: Duration = Duration::from_millis(25);
 /// Longest interval between two checks of a live splice.
 #[cfg(target_os = "linux")]
 const POLL_MAX: Duration = Duration::from_secs(1);

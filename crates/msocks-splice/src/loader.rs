@@ -43,7 +43,13 @@ pub struct Datapath {
     ifindexes: Vec<u32>,
     /// How each interface was hooked: `"tcx"` or `"clsact"`.
     hooks: Vec<(String, &'static str)>,
+    /// The local addresses and their interface indexes as last read, and
+    /// when: see [`Datapath::ifindexes_of`].
+    addresses: Option<(std::time::Instant, Vec<(std::net::IpAddr, u32)>)>,
 }
+
+/// How long [`Datapath::ifindexes_of`] trusts the addresses it read.
+const ADDRESSES_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl std::fmt::Debug for Datapath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -81,6 +87,7 @@ impl Datapath {
             attached: Vec::new(),
             ifindexes: Vec::new(),
             hooks: Vec::new(),
+            addresses: None,
         })
     }
 
@@ -154,6 +161,42 @@ impl Datapath {
     /// Whether the program runs at ingress of interface `ifindex`.
     pub fn covers(&self, ifindex: u32) -> bool {
         self.ifindexes.contains(&ifindex)
+    }
+
+    /// [`ifindex_of_addr`] of two addresses, from the addresses read at
+    /// most [`ADDRESSES_TTL`] ago (re-read at once when one is missing).
+    /// Walking the interface list costs a netlink dump of every link and
+    /// address, the biggest part of a splice's set-up otherwise. An address
+    /// moved to another interface within that second is seen late: a splice
+    /// installed meanwhile would send by the old interface, as one
+    /// installed before the move does anyway.
+    pub fn ifindexes_of(
+        &mut self,
+        a: std::net::IpAddr,
+        b: std::net::IpAddr,
+    ) -> Result<(u32, u32), Error> {
+        let find = |list: &[(std::net::IpAddr, u32)], ip| {
+            list.iter().find(|(addr, _)| *addr == ip).map(|(_, i)| *i)
+        };
+        if let Some((read, list)) = &self.addresses {
+            if read.elapsed() < ADDRESSES_TTL {
+                if let (Some(x), Some(y)) = (find(list, a), find(list, b)) {
+                    return Ok((x, y));
+                }
+            }
+        }
+        let list = local_addresses()?;
+        let found = (find(&list, a), find(&list, b));
+        self.addresses = Some((std::time::Instant::now(), list));
+        match found {
+            (Some(x), Some(y)) => Ok((x, y)),
+            (None, _) => Err(Error::Incompatible(format!(
+                "no interface holds the proxy address {a}"
+            ))),
+            (_, None) => Err(Error::Incompatible(format!(
+                "no interface holds the proxy address {b}"
+            ))),
+        }
     }
 
     /// Interfaces the program is attached to.
@@ -348,38 +391,39 @@ pub fn mss_for_interfaces(interfaces: &[String], ipv6: bool) -> Result<Option<u3
     Ok(smallest.map(|m| m.saturating_sub(headers)))
 }
 
-/// [`ifindex_of_addr`] of two addresses with one walk of the interface
-/// list (the splice needs both, once per session).
-pub fn ifindexes_of_addrs(a: std::net::IpAddr, b: std::net::IpAddr) -> Result<(u32, u32), Error> {
+/// Every IPv4 and IPv6 address of the calling thread's network namespace,
+/// with the index of the interface holding it.
+fn local_addresses() -> Result<Vec<(std::net::IpAddr, u32)>, Error> {
     let addrs = nix::ifaddrs::getifaddrs().map_err(|e| Error::Socket {
         op: "getifaddrs",
         source: e.into(),
     })?;
-    let holds = |sa: &nix::sys::socket::SockaddrStorage, ip: std::net::IpAddr| match ip {
-        std::net::IpAddr::V4(v4) => sa.as_sockaddr_in().is_some_and(|s| s.ip() == v4),
-        std::net::IpAddr::V6(v6) => sa.as_sockaddr_in6().is_some_and(|s| s.ip() == v6),
-    };
-    let (mut name_a, mut name_b) = (None, None);
+    let mut indexes: Vec<(String, u32)> = Vec::new();
+    let mut out = Vec::new();
     for ifa in addrs {
         let Some(sa) = ifa.address else { continue };
-        if name_a.is_none() && holds(&sa, a) {
-            name_a = Some(ifa.interface_name.clone());
-        }
-        if name_b.is_none() && holds(&sa, b) {
-            name_b = Some(ifa.interface_name);
-        }
-        if name_a.is_some() && name_b.is_some() {
-            break;
-        }
+        let ip = if let Some(v4) = sa.as_sockaddr_in() {
+            std::net::IpAddr::V4(v4.ip())
+        } else if let Some(v6) = sa.as_sockaddr_in6() {
+            std::net::IpAddr::V6(v6.ip())
+        } else {
+            continue;
+        };
+        let index = match indexes.iter().find(|(n, _)| *n == ifa.interface_name) {
+            Some((_, i)) => *i,
+            None => {
+                let i =
+                    nix::net::if_::if_nametoindex(ifa.interface_name.as_str()).map_err(|e| {
+                        Error::Socket {
+                            op: "if_nametoindex",
+                            source: e.into(),
+                        }
+                    })?;
+                indexes.push((ifa.interface_name, i));
+                i
+            }
+        };
+        out.push((ip, index));
     }
-    let index = |name: Option<String>, ip: std::net::IpAddr| -> Result<u32, Error> {
-        let name = name.ok_or_else(|| {
-            Error::Incompatible(format!("no interface holds the proxy address {ip}"))
-        })?;
-        nix::net::if_::if_nametoindex(name.as_str()).map_err(|e| Error::Socket {
-            op: "if_nametoindex",
-            source: e.into(),
-        })
-    };
-    Ok((index(name_a, a)?, index(name_b, b)?))
+    Ok(out)
 }

@@ -292,27 +292,26 @@ pub fn hold(
             server,
         ));
     }
-    let (s_ifindex, c_ifindex) = match crate::loader::ifindexes_of_addrs(s_local.ip(), c_local.ip())
-    {
-        Ok(i) => i,
-        Err(e) => return Err(refuse(e, client, server)),
-    };
     // Segments of each connection must reach the program: it must run on
     // the interface each one arrives by (the one holding the proxy's
     // address, with symmetric routing).
-    let covered = {
-        let dp = lock(datapath);
-        dp.covers(s_ifindex) && dp.covers(c_ifindex)
+    let located = {
+        let mut dp = lock(datapath);
+        dp.ifindexes_of(s_local.ip(), c_local.ip())
+            .and_then(|(s, c)| {
+                if dp.covers(s) && dp.covers(c) {
+                    Ok((s, c))
+                } else {
+                    Err(Error::Incompatible(format!(
+                        "the datapath is not attached to interface {c} or {s}"
+                    )))
+                }
+            })
     };
-    if !covered {
-        return Err(refuse(
-            Error::Incompatible(format!(
-                "the datapath is not attached to interface {c_ifindex} or {s_ifindex}"
-            )),
-            client,
-            server,
-        ));
-    }
+    let (s_ifindex, c_ifindex) = match located {
+        Ok(i) => i,
+        Err(e) => return Err(refuse(e, client, server)),
+    };
     let nonblocking = client
         .set_nonblocking(true)
         .and_then(|()| server.set_nonblocking(true));
