@@ -69,8 +69,8 @@ impl Datapath {
     /// Loads the object into the kernel and verifies the program. Needs
     /// `CAP_BPF` and `CAP_NET_ADMIN` (root).
     pub fn load() -> Result<Datapath, Error> {
-        // No kernel BTF: the program has no CO-RE relocations, and parsing
-        // /sys/kernel/btf/vmlinux would cost the process tens of MiB of heap
+        // No kernel BTF: the program has no CO-RE relocations, so reading
+        // and parsing /sys/kernel/btf/vmlinux (several MiB) would be work
         // for nothing.
         let mut ebpf = aya::EbpfLoader::new()
             .btf(None)
