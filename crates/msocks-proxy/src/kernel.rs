@@ -47,11 +47,11 @@ const DRAIN_RETRY_MAX: Duration = Duration::from_millis(32);
 const LINGER: Duration = Duration::from_secs(2);
 
 /// The MSS a listener at an IPv6 (`ipv6`) or IPv4 address announces under `engine`: none
-/// for the relay engine or `mss = 0`, else `mss`, else the smallest MTU of the attached
+/// for the relay engine, an engine that could not load, or `mss = 0`, else `mss`, else the smallest MTU of the attached
 /// interfaces less the headers. Announced once in the SYN-ACK and never changeable later,
 /// it must already fit every path a session may be spliced to (docs/KERNEL-SPLICE.md).
 pub(crate) fn listener_mss(engine: &EngineConfig, ipv6: bool) -> Option<u32> {
-    if engine.kind != EngineKind::Kernel {
+    if engine.kind != EngineKind::Kernel || unavailable() {
         return None;
     }
     match engine.mss {
@@ -108,10 +108,10 @@ pub(crate) fn set_maxseg<T>(_socket: &T, _mss: u32) -> std::io::Result<()> {
 /// under the kernel engine: the MSS the proxy announced to the client. The server is then
 /// told no more than the client was (what the server sends fits the client's leg as far as
 /// the proxy promised it), and the proxy sends the server no more than the client may send
-/// (so the client's segments fit the server). `None` for the relay engine, `mss = 0`, or
-/// when the announced MSS cannot be read.
+/// (so the client's segments fit the server). `None` for the relay engine, an engine that
+/// could not load, `mss = 0`, or when the announced MSS cannot be read.
 pub(crate) fn connect_mss(engine: &EngineConfig, client: &TcpStream) -> Option<u32> {
-    if engine.kind != EngineKind::Kernel || engine.mss == Some(0) {
+    if engine.kind != EngineKind::Kernel || engine.mss == Some(0) || unavailable() {
         return None;
     }
     announced_mss(client)
@@ -129,6 +129,15 @@ fn announced_mss(client: &TcpStream) -> Option<u32> {
 #[cfg(not(target_os = "linux"))]
 fn announced_mss(_client: &TcpStream) -> Option<u32> {
     None
+}
+
+/// Whether the engine was tried and could not load: then every session is relayed and
+/// nothing is clamped.
+fn unavailable() -> bool {
+    #[cfg(target_os = "linux")]
+    return matches!(ENGINE.get(), Some(None));
+    #[cfg(not(target_os = "linux"))]
+    return true;
 }
 
 /// Loads the engine now, when `engine` asks for the kernel one, rather than at the first

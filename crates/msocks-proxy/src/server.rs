@@ -149,6 +149,8 @@ impl Proxy {
         config: ProxyConfig,
         credentials: Option<Credentials>,
     ) -> Result<Proxy, StartError> {
+        // The engine first: the listeners' MSS clamp depends on it being there.
+        crate::kernel::preload(&config.engine).await;
         let mut listeners = Vec::with_capacity(config.listen.len());
         for &addr in &config.listen {
             let mss = crate::kernel::listener_mss(&config.engine, addr.is_ipv6());
@@ -156,7 +158,6 @@ impl Proxy {
                 bind_listener(addr, mss).map_err(|source| StartError::Listen { addr, source })?;
             listeners.push(listener);
         }
-        crate::kernel::preload(&config.engine).await;
         let shared = Arc::new(Shared {
             rules: RuleSet::new(config.rules.clone()),
             handshakes: HandshakeSlots::new(config.limits.max_handshakes),

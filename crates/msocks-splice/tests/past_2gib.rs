@@ -94,7 +94,8 @@ fn a_splice_carries_more_than_2_gib() {
                     .map_err(|e| e.to_string())?;
                 // The sink closes after reading everything: wait for its FIN.
                 let mut b = [0u8; 1];
-                (&s).read(&mut b).map_err(|e| format!("waiting for the FIN: {e}"))?;
+                (&s).read(&mut b)
+                    .map_err(|e| format!("waiting for the FIN: {e}"))?;
                 Ok(())
             })
         })
