@@ -188,6 +188,12 @@ pub struct EngineConfig {
     /// the session to `relay` instead.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// The MSS the kernel engine clamps the proxy's TCP connections to (both legs of every
+    /// session), so that segments one peer sends fit the other peer and its link: the
+    /// datapath forwards segments as they are and cannot split one. Unset: the smallest MTU
+    /// of `interfaces` less the IP and TCP headers. `0`: no clamping (sessions whose legs'
+    /// MSSes do not fit each other are then relayed). Ignored by the `relay` engine.
+    pub mss: Option<u32>,
 }
 
 /// The engine kinds of [`EngineConfig::kind`].
@@ -207,6 +213,7 @@ impl Default for EngineConfig {
             kind: EngineKind::Relay,
             interfaces: Vec::new(),
             drain_timeout: Duration::from_secs(3),
+            mss: None,
         }
     }
 }
@@ -278,6 +285,15 @@ impl ProxyConfig {
             return Err(ConfigError::Invalid(
                 "limits.buffer_size must be between 1024 and 16777216 bytes".into(),
             ));
+        }
+        if let Some(mss) = self.engine.mss {
+            // TCP_MAXSEG takes at most 32767; below 536 (the IPv4 minimum) every segment
+            // is mostly headers.
+            if mss != 0 && !(536..=32767).contains(&mss) {
+                return Err(ConfigError::Invalid(
+                    "engine.mss must be 0 (no clamping) or between 536 and 32767".into(),
+                ));
+            }
         }
         for (i, rule) in self.rules.iter().enumerate() {
             rule.validate()

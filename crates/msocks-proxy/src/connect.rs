@@ -56,6 +56,36 @@ pub fn io_error_reply(e: &io::Error) -> ReplyCode {
     }
 }
 
+tokio::task_local! {
+    /// The MSS the session running in this task clamps its connections to the destination
+    /// to (`TCP_MAXSEG` before `connect`, so the SYN announces it), set by the accept loop
+    /// for the kernel engine: the client connection's announced MSS, so that the spliced
+    /// connections' segments fit each other (docs/KERNEL-SPLICE.md, "MSS"). A task-local
+    /// rather than a parameter because it belongs to the session, not to every caller.
+    static CONNECT_MSS: u32;
+}
+
+/// `session`, with its connections to destinations clamped to `mss`.
+pub(crate) fn with_connect_mss<F: std::future::Future>(
+    mss: u32,
+    session: F,
+) -> tokio::task::futures::TaskLocalFuture<u32, F> {
+    CONNECT_MSS.scope(mss, session)
+}
+
+async fn connect_one(addr: SocketAddr) -> io::Result<TcpStream> {
+    let Ok(mss) = CONNECT_MSS.try_with(|m| *m) else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    crate::kernel::set_maxseg(&socket, mss)?;
+    socket.connect(addr).await
+}
+
 /// Connects to the first address that answers, in order, within `timeout` for all of them.
 /// Nagle is turned off: the proxy forwards what it gets at once, and small records must not
 /// be held back on either leg.
@@ -66,7 +96,7 @@ pub async fn connect_any(
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = ConnectError::NoAddress;
     for &addr in addrs {
-        match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+        match tokio::time::timeout_at(deadline, connect_one(addr)).await {
             Ok(Ok(stream)) => {
                 // Failing to set NODELAY only costs latency; the connection is still good.
                 let _ = stream.set_nodelay(true);

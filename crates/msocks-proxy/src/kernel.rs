@@ -10,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::info;
 
-use crate::config::EngineKind;
+use crate::config::{EngineConfig, EngineKind};
 use crate::relay::Traffic;
 use crate::server::Shared;
 
@@ -27,13 +27,134 @@ pub(crate) enum KernelRun {
     },
 }
 
-/// How often a live splice is checked for its end (both FINs acknowledged, or a RST).
+/// When a live splice is first checked for its end (both FINs acknowledged, or a RST); the
+/// interval then doubles up to [`POLL_MAX`].
 #[cfg(target_os = "linux")]
-const POLL: Duration = Duration::from_millis(100);
+const POLL_FIRST: Duration = Duration::from_millis(25);
+/// Longest interval between two checks of a live splice.
+#[cfg(target_os = "linux")]
+const POLL_MAX: Duration = Duration::from_secs(1);
+/// How long the drain first waits before looking again at queues that are waiting for a
+/// peer's ACK; the wait doubles up to [`DRAIN_RETRY_MAX`].
+#[cfg(target_os = "linux")]
+const DRAIN_RETRY: Duration = Duration::from_millis(1);
+/// Longest wait between two looks at the queues in the drain.
+#[cfg(target_os = "linux")]
+const DRAIN_RETRY_MAX: Duration = Duration::from_millis(32);
 /// How long a finished splice's entries stay, so a retransmitted last FIN or ACK is still
 /// rewritten rather than answered with a RST by the proxy's own stack.
 #[cfg(target_os = "linux")]
 const LINGER: Duration = Duration::from_secs(2);
+
+/// The MSS a listener at an IPv6 (`ipv6`) or IPv4 address announces under `engine`: none
+/// for the relay engine, an engine that could not load, or `mss = 0`, else `mss`, else the smallest MTU of the attached
+/// interfaces less the headers. Announced once in the SYN-ACK and never changeable later,
+/// it must already fit every path a session may be spliced to (docs/KERNEL-SPLICE.md).
+pub(crate) fn listener_mss(engine: &EngineConfig, ipv6: bool) -> Option<u32> {
+    if engine.kind != EngineKind::Kernel || unavailable() {
+        return None;
+    }
+    match engine.mss {
+        Some(0) => None,
+        Some(mss) => Some(mss),
+        None => auto_mss(&engine.interfaces, ipv6),
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn auto_mss(interfaces: &[String], ipv6: bool) -> Option<u32> {
+    let names = if interfaces.is_empty() {
+        msocks_splice::loader::default_interfaces()
+    } else {
+        Ok(interfaces.to_vec())
+    };
+    match names.and_then(|n| msocks_splice::loader::mss_for_interfaces(&n, ipv6)) {
+        Ok(Some(mss)) => {
+            info!(
+                mss,
+                "kernel engine: clamping the MSS to the attached interfaces' MTU"
+            );
+            Some(mss)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(
+                "kernel engine: cannot read the interfaces' MTU ({e}); MSS not clamped, \
+                 sessions over a smaller-MTU link will be relayed"
+            );
+            None
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn auto_mss(_interfaces: &[String], _ipv6: bool) -> Option<u32> {
+    None
+}
+
+/// Sets `TCP_MAXSEG` on a socket before `listen` or `connect`.
+#[cfg(target_os = "linux")]
+pub(crate) fn set_maxseg(socket: &impl std::os::fd::AsFd, mss: u32) -> std::io::Result<()> {
+    msocks_splice::repair::set_maxseg(socket.as_fd(), mss)
+}
+
+/// Sets `TCP_MAXSEG` on a socket before `listen` or `connect` (only Linux clamps).
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn set_maxseg<T>(_socket: &T, _mss: u32) -> std::io::Result<()> {
+    Ok(())
+}
+
+/// The MSS the session accepted on `client` clamps its connection to the destination to,
+/// under the kernel engine: the MSS the proxy announced to the client. The server is then
+/// told no more than the client was (what the server sends fits the client's leg as far as
+/// the proxy promised it), and the proxy sends the server no more than the client may send
+/// (so the client's segments fit the server). `None` for the relay engine, an engine that
+/// could not load, `mss = 0`, or when the announced MSS cannot be read.
+pub(crate) fn connect_mss(engine: &EngineConfig, client: &TcpStream) -> Option<u32> {
+    if engine.kind != EngineKind::Kernel || engine.mss == Some(0) || unavailable() {
+        return None;
+    }
+    announced_mss(client)
+}
+
+#[cfg(target_os = "linux")]
+fn announced_mss(client: &TcpStream) -> Option<u32> {
+    use std::os::fd::AsFd;
+    msocks_splice::repair::info(client.as_fd())
+        .ok()
+        .map(|i| i.advmss)
+        .filter(|&m| m > 0)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn announced_mss(_client: &TcpStream) -> Option<u32> {
+    None
+}
+
+/// Whether the engine was tried and could not load: then every session is relayed and
+/// nothing is clamped.
+fn unavailable() -> bool {
+    #[cfg(target_os = "linux")]
+    return matches!(ENGINE.get(), Some(None));
+    #[cfg(not(target_os = "linux"))]
+    return true;
+}
+
+/// Loads the engine now, when `engine` asks for the kernel one, rather than at the first
+/// session: that session does not wait for the verifier, and the memory the load leaves is
+/// the idle proxy's, not charged to the first sessions. Off the reactor (it blocks).
+pub(crate) async fn preload(engine: &EngineConfig) {
+    #[cfg(target_os = "linux")]
+    if engine.kind == EngineKind::Kernel && ENGINE.get().is_none() {
+        let interfaces = engine.interfaces.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            self::engine(&interfaces);
+        })
+        .await;
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = engine;
+}
 
 /// Runs the session on the kernel engine when it is configured and possible.
 pub(crate) async fn run(
@@ -85,18 +206,6 @@ async fn spliced(
     }
 }
 
-/// Loads the kernel engine now when it is configured (a no-op otherwise, and off Linux, where
-/// the first session logs the fallback).
-pub(crate) async fn preload(shared: &Shared) {
-    #[cfg(target_os = "linux")]
-    if shared.config.engine.kind == EngineKind::Kernel {
-        let interfaces = shared.config.engine.interfaces.clone();
-        let _ = tokio::task::spawn_blocking(move || engine(&interfaces).is_some()).await;
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = shared;
-}
-
 #[cfg(target_os = "linux")]
 static ENGINE: std::sync::OnceLock<Option<msocks_splice::Engine>> = std::sync::OnceLock::new();
 
@@ -120,28 +229,72 @@ pub(crate) fn engine(interfaces: &[String]) -> Option<&'static msocks_splice::En
         .as_ref()
 }
 
+/// What [`msocks_splice::Spliced::status`] calls `Finished`, from entries already read: both
+/// FINs acknowledged, or a RST went through.
 #[cfg(target_os = "linux")]
-async fn spliced(
+fn finished_entries(
+    up: &msocks_splice::maps::SpliceVal,
+    down: &msocks_splice::maps::SpliceVal,
+) -> bool {
+    use msocks_splice::maps::{EV_FIN_ACKED, EV_RST};
+    let fins = up.events & EV_FIN_ACKED != 0 && down.events & EV_FIN_ACKED != 0;
+    fins || (up.events | down.events) & EV_RST != 0
+}
+
+/// A session the kernel engine did not splice.
+#[cfg(target_os = "linux")]
+pub(crate) enum NotSpliced {
+    /// The sockets are gone, for this reason.
+    Lost(String),
+    /// Refused: the sockets, back on the reactor, and what the abandoned drain did.
+    Refused(Box<Refused>),
+}
+
+/// A refused splice's sockets and bytes ([`msocks_splice::Refused`] on the reactor).
+#[cfg(target_os = "linux")]
+pub(crate) struct Refused {
+    /// Why.
+    pub(crate) reason: msocks_splice::Error,
+    pub(crate) client: TcpStream,
+    pub(crate) server: TcpStream,
+    /// Bytes the drain read and did not write: they go first.
+    pub(crate) pending_to_server: Vec<u8>,
+    pub(crate) pending_to_client: Vec<u8>,
+    /// Bytes the drain had copied (to the server, to the client).
+    pub(crate) drained: (u64, u64),
+}
+
+/// Splices a session's two sockets with the kernel engine (loading it if the proxy has not
+/// yet): the checks and HOLD are a few non-blocking system calls, and the drain is driven
+/// on the session's task, waiting on the runtime's timer rather than in a thread of its own.
+#[cfg(target_os = "linux")]
+pub(crate) async fn splice_streams(
     shared: &Shared,
-    session: u64,
     client: TcpStream,
     server: TcpStream,
-    traffic: &Traffic,
-) -> KernelRun {
-    use msocks_splice::Status;
-    use std::sync::atomic::Ordering;
+) -> Result<msocks_splice::Spliced, NotSpliced> {
+    use msocks_splice::Drain;
 
     let (c, s) = match (client.into_std(), server.into_std()) {
         (Ok(c), Ok(s)) => (c, s),
         // into_std only fails when deregistering from the reactor fails; the sockets are
         // then gone with the error.
-        (Err(e), _) | (_, Err(e)) => return KernelRun::Ended(format!("kernel engine: {e}")),
+        (Err(e), _) | (_, Err(e)) => return Err(NotSpliced::Lost(format!("kernel engine: {e}"))),
     };
-    let interfaces = shared.config.engine.interfaces.clone();
-    let drain = shared.config.engine.drain_timeout;
-    // Loading (the verifier) and the freeze (up to `drain`) block: off the reactor.
-    let attempt = tokio::task::spawn_blocking(move || match engine(&interfaces) {
-        Some(e) => e.splice(c, s, drain),
+    // Loading (the verifier) blocks, once per process: off the reactor. Every later session
+    // finds the engine loaded.
+    let engine = match ENGINE.get() {
+        Some(e) => e.as_ref(),
+        None => {
+            let interfaces = shared.config.engine.interfaces.clone();
+            match tokio::task::spawn_blocking(move || engine(&interfaces)).await {
+                Ok(e) => e,
+                Err(e) => return Err(NotSpliced::Lost(format!("kernel engine task: {e}"))),
+            }
+        }
+    };
+    let attempt = match engine {
+        Some(e) => e.hold(c, s),
         None => Err(Box::new(msocks_splice::Refused {
             error: msocks_splice::Error::Unavailable,
             client: c,
@@ -150,47 +303,96 @@ async fn spliced(
             pending_to_client: Vec::new(),
             drained: (0, 0),
         })),
-    })
-    .await;
-    let spliced = match attempt {
-        Ok(Ok(sp)) => sp,
-        Ok(Err(refused)) => {
+    };
+    let attempt = match attempt {
+        Ok(mut holding) => {
+            let deadline = tokio::time::Instant::now() + shared.config.engine.drain_timeout;
+            let mut retry = DRAIN_RETRY;
+            loop {
+                match holding.drain_step() {
+                    Ok(Drain::Quiet) => break holding.finish(),
+                    Ok(step) => {
+                        if tokio::time::Instant::now() >= deadline {
+                            break Err(holding.abandon(msocks_splice::Error::DrainTimeout));
+                        }
+                        if step == Drain::Waiting {
+                            // An ACK from a peer has no readiness event: look again soon,
+                            // then less often (an ACK that rode on a FIN dropped in HOLD
+                            // only comes back with a retransmission).
+                            tokio::time::sleep(retry).await;
+                            retry = (retry * 2).min(DRAIN_RETRY_MAX);
+                        }
+                    }
+                    Err(e) => break Err(holding.abandon(e)),
+                }
+            }
+        }
+        Err(refused) => Err(refused),
+    };
+    match attempt {
+        Ok(sp) => Ok(sp),
+        Err(refused) => {
             let r = *refused;
-            info!(session, engine = "relay", reason = %r.error, "engine: not spliced");
-            let back = r
-                .client
-                .set_nonblocking(true)
-                .and_then(|()| r.server.set_nonblocking(true))
-                .and_then(|()| {
-                    Ok((
-                        TcpStream::from_std(r.client)?,
-                        TcpStream::from_std(r.server)?,
-                    ))
-                });
-            let (mut client, mut server) = match back {
-                Ok(pair) => pair,
-                Err(e) => return KernelRun::Ended(format!("kernel engine fallback: {e}")),
-            };
+            // `hold` hands refused sockets back as given and `abandon` non-blocking: they
+            // are non-blocking, as the reactor needs.
+            let back =
+                TcpStream::from_std(r.client).and_then(|c| Ok((c, TcpStream::from_std(r.server)?)));
+            match back {
+                Ok((client, server)) => Err(NotSpliced::Refused(Box::new(Refused {
+                    reason: r.error,
+                    client,
+                    server,
+                    pending_to_server: r.pending_to_server,
+                    pending_to_client: r.pending_to_client,
+                    drained: r.drained,
+                }))),
+                Err(e) => Err(NotSpliced::Lost(format!("kernel engine fallback: {e}"))),
+            }
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+async fn spliced(
+    shared: &Shared,
+    session: u64,
+    client: TcpStream,
+    server: TcpStream,
+    traffic: &Traffic,
+) -> KernelRun {
+    use std::sync::atomic::Ordering;
+
+    let spliced = match splice_streams(shared, client, server).await {
+        Ok(sp) => sp,
+        Err(NotSpliced::Lost(why)) => return KernelRun::Ended(why),
+        Err(NotSpliced::Refused(r)) => {
+            info!(session, engine = "relay", reason = %r.reason, "engine: not spliced");
+            let Refused {
+                mut client,
+                mut server,
+                pending_to_server,
+                pending_to_client,
+                ..
+            } = *r;
             // Bytes the abandoned drain had already taken from one side go first.
-            if let Err(e) = server.write_all(&r.pending_to_server).await {
+            if let Err(e) = server.write_all(&pending_to_server).await {
                 return KernelRun::Ended(format!("kernel engine fallback: {e}"));
             }
-            if let Err(e) = client.write_all(&r.pending_to_client).await {
+            if let Err(e) = client.write_all(&pending_to_client).await {
                 return KernelRun::Ended(format!("kernel engine fallback: {e}"));
             }
             traffic
                 .up
-                .fetch_add(r.pending_to_server.len() as u64, Ordering::Relaxed);
+                .fetch_add(pending_to_server.len() as u64, Ordering::Relaxed);
             traffic
                 .down
-                .fetch_add(r.pending_to_client.len() as u64, Ordering::Relaxed);
+                .fetch_add(pending_to_client.len() as u64, Ordering::Relaxed);
             return KernelRun::Relay {
                 client,
                 server,
                 early_sent: true,
             };
         }
-        Err(e) => return KernelRun::Ended(format!("kernel engine task: {e}")),
     };
     info!(session, engine = "kernel", "engine: spliced");
     // `idle_timeout` as the relay applies it: no segment either way for that long ends the
@@ -198,31 +400,33 @@ async fn spliced(
     let idle_timeout = shared.config.limits.idle_timeout;
     let mut last_packets = 0u64;
     let mut last_move = tokio::time::Instant::now();
-    let end = loop {
+    let mut poll = POLL_FIRST;
+    let (end, finished) = loop {
         tokio::select! {
-            () = shared.abort.cancelled() => break "shut down".to_owned(),
-            () = tokio::time::sleep(POLL) => match spliced.status() {
-                Ok(Status::Finished) => {
-                    tokio::time::sleep(LINGER).await;
-                    break "completed (kernel splice)".to_owned();
+            () = shared.abort.cancelled() => break ("shut down".to_owned(), false),
+            // One read of both entries per check gives the end and the activity.
+            () = tokio::time::sleep(poll) => match spliced.entries() {
+                Ok((up, down)) if finished_entries(&up, &down) => {
+                    break ("completed (kernel splice)".to_owned(), true)
                 }
-                Ok(Status::Active) => {
-                    let packets = spliced
-                        .entries()
-                        .map(|(up, down)| up.packets.wrapping_add(down.packets))
-                        .unwrap_or(last_packets);
+                Ok((up, down)) => {
+                    // Short sessions are seen to end soon; a long one costs a map read
+                    // per POLL_MAX at most.
+                    poll = (poll * 2).min(POLL_MAX);
+                    let packets = up.packets.wrapping_add(down.packets);
                     if packets != last_packets {
                         last_packets = packets;
                         last_move = tokio::time::Instant::now();
                     } else if !idle_timeout.is_zero() && last_move.elapsed() >= idle_timeout {
-                        break "idle timeout (kernel splice)".to_owned();
+                        break ("idle timeout (kernel splice)".to_owned(), false);
                     }
                 }
-                Err(e) => break format!("kernel splice: {e}"),
+                Err(e) => break (format!("kernel splice: {e}"), false),
             },
         }
     };
-    // What the drain copied before the splice, then what crossed it.
+    // What the drain copied before the splice, then what crossed it (final once both FINs
+    // are acknowledged).
     let (drained_up, drained_down) = spliced.drained();
     traffic.up.fetch_add(drained_up, Ordering::Relaxed);
     traffic.down.fetch_add(drained_down, Ordering::Relaxed);
@@ -230,6 +434,16 @@ async fn spliced(
         traffic.up.fetch_add(up, Ordering::Relaxed);
         traffic.down.fetch_add(down, Ordering::Relaxed);
     }
-    spliced.teardown();
+    if finished {
+        // The session is over; its entries stay a little longer on a task of their own so
+        // that a retransmitted last FIN or ACK is still rewritten, without holding the
+        // session's slot. Dropped with the runtime at shutdown, which tears down at once.
+        tokio::spawn(async move {
+            tokio::time::sleep(LINGER).await;
+            spliced.teardown();
+        });
+    } else {
+        spliced.teardown();
+    }
     KernelRun::Ended(end)
 }

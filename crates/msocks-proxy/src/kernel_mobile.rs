@@ -231,51 +231,17 @@ mod linux {
             .local_addr()
             .map(TargetAddr::Ip)
             .unwrap_or(TargetAddr::UNSPECIFIED);
-        let (c, s) = match (stream.into_std(), server.into_std()) {
-            (Ok(c), Ok(s)) => (c, s),
-            // into_std fails only when deregistering from the reactor fails; the sockets
-            // are gone with the error.
-            (Err(e), _) | (_, Err(e)) => return Ok(format!("kernel engine: {e}")),
-        };
-        let interfaces = shared.config.engine.interfaces.clone();
-        let drain = shared.config.engine.drain_timeout;
-        let attempt =
-            tokio::task::spawn_blocking(move || match crate::kernel::engine(&interfaces) {
-                Some(e) => e.splice(c, s, drain),
-                None => Err(Box::new(msocks_splice::Refused {
-                    error: msocks_splice::Error::Unavailable,
-                    client: c,
-                    server: s,
-                    pending_to_server: Vec::new(),
-                    pending_to_client: Vec::new(),
-                    drained: (0, 0),
-                })),
-            })
-            .await;
-        let spliced = match attempt {
-            Ok(Ok(sp)) => sp,
-            Ok(Err(refused)) => {
-                let r = *refused;
-                info!(session = client.id, engine = "relay", reason = %r.error, "engine: not spliced");
-                let back = r
-                    .client
-                    .set_nonblocking(true)
-                    .and_then(|()| r.server.set_nonblocking(true))
-                    .and_then(|()| {
-                        Ok((
-                            TcpStream::from_std(r.client)?,
-                            TcpStream::from_std(r.server)?,
-                        ))
-                    });
-                let (stream, server) = match back {
-                    Ok(pair) => pair,
-                    Err(e) => return Ok(format!("kernel engine fallback: {e}")),
-                };
+        let spliced = match crate::kernel::splice_streams(shared, stream, server).await {
+            Ok(sp) => sp,
+            Err(crate::kernel::NotSpliced::Lost(why)) => return Ok(why),
+            Err(crate::kernel::NotSpliced::Refused(r)) => {
+                let r = *r;
+                info!(session = client.id, engine = "relay", reason = %r.reason, "engine: not spliced");
                 traffic.up.fetch_add(r.drained.0, Ordering::Relaxed);
                 traffic.down.fetch_add(r.drained.1, Ordering::Relaxed);
                 return Err(Fallback {
-                    stream,
-                    server,
+                    stream: r.client,
+                    server: r.server,
                     start: Start {
                         up_written: up_written + r.drained.0,
                         down_written: r.drained.1,
@@ -284,7 +250,6 @@ mod linux {
                     },
                 });
             }
-            Err(e) => return Ok(format!("kernel engine task: {e}")),
         };
         info!(session = client.id, engine = "kernel", "engine: spliced");
         let (drained_up, drained_down) = spliced.drained();

@@ -149,10 +149,13 @@ impl Proxy {
         config: ProxyConfig,
         credentials: Option<Credentials>,
     ) -> Result<Proxy, StartError> {
+        // The engine first: the listeners' MSS clamp depends on it being there.
+        crate::kernel::preload(&config.engine).await;
         let mut listeners = Vec::with_capacity(config.listen.len());
         for &addr in &config.listen {
+            let mss = crate::kernel::listener_mss(&config.engine, addr.is_ipv6());
             let listener =
-                bind_listener(addr).map_err(|source| StartError::Listen { addr, source })?;
+                bind_listener(addr, mss).map_err(|source| StartError::Listen { addr, source })?;
             listeners.push(listener);
         }
         let shared = Arc::new(Shared {
@@ -179,9 +182,6 @@ impl Proxy {
     /// Serves until `shutdown` completes, then stops accepting, gives live sessions
     /// `limits.shutdown_grace` to finish, ends the rest, and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        // The kernel engine loads (and the verifier runs) before the first client, not during
-        // its session, which would wait for it.
-        crate::kernel::preload(&self.shared).await;
         let tracker = TaskTracker::new();
         let stop_accepting = CancellationToken::new();
         for listener in self.listeners {
@@ -217,7 +217,9 @@ impl Proxy {
     }
 }
 
-fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// Binds a listener; `mss`, when given, is announced in every SYN-ACK (accepted sockets
+/// inherit `TCP_MAXSEG`).
+fn bind_listener(addr: SocketAddr, mss: Option<u32>) -> std::io::Result<TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -227,6 +229,9 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     if addr.is_ipv6() {
         // `[::]` serves IPv6 only, so that `0.0.0.0` can be listed beside it.
         socket.set_only_v6(true)?;
+    }
+    if let Some(mss) = mss {
+        crate::kernel::set_maxseg(&socket, mss)?;
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
@@ -253,7 +258,14 @@ async fn accept_loop(
                 // The slot is taken here, in accept order: a client that arrives after a
                 // flood is younger than all of it, however the runtime schedules the tasks.
                 let slot = shared.handshakes.enter();
-                tracker.spawn(session::serve(shared.clone(), stream, peer, id, slot));
+                let mss = crate::kernel::connect_mss(&shared.config.engine, &stream);
+                let session = session::serve(shared.clone(), stream, peer, id, slot);
+                // One spawn per case: a future holding both would be twice the session's
+                // size, for every session.
+                match mss {
+                    Some(mss) => tracker.spawn(crate::connect::with_connect_mss(mss, session)),
+                    None => tracker.spawn(session),
+                };
             }
             Err(e) => {
                 // Out of descriptors or memory: back off instead of spinning, and say so at

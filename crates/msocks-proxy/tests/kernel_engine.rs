@@ -152,6 +152,15 @@ fn engine_section_parses_and_defaults_to_relay() {
     assert!(
         ProxyConfig::from_toml("[engine]\nkind = \"dpdk\"\n", std::path::Path::new("t")).is_err()
     );
+    assert_eq!(c.engine.mss, None, "derived from the interfaces by default");
+    let mss = |v: &str| {
+        ProxyConfig::from_toml(&format!("[engine]\nmss = {v}\n"), std::path::Path::new("t"))
+            .map(|c| c.engine.mss)
+    };
+    assert_eq!(mss("1360").ok(), Some(Some(1360)));
+    assert_eq!(mss("0").ok(), Some(Some(0)), "0 turns clamping off");
+    assert!(mss("100").is_err(), "too small to be useful");
+    assert!(mss("40000").is_err(), "above what TCP_MAXSEG takes");
 }
 
 #[test]

@@ -484,7 +484,7 @@ int splice_ingress(struct __sk_buff *skb)
 		return drop(v, STAT_BAD_TCP);
 	__u32 payload = l3_len - ip_hlen - doff;
 	int syn = th->syn, fin = th->fin, rst = th->rst, has_ack = th->ack;
-	__be16 o_win = th->window, o_sport = th->source, o_dport = th->dest;
+	__be16 o_win = th->window;
 
 	if (v->state == SPLICE_HOLD || v->state == SPLICE_ARMED) {
 		/* ARMED: once the client acknowledges the proxy's reply, the
@@ -539,8 +539,13 @@ int splice_ingress(struct __sk_buff *skb)
 	 * current ACK, which reaches the sender through the splice and moves
 	 * it past the splice point even if the proxy's own last ACK was lost;
 	 * the sender then retransmits whatever lay above the splice point. A
-	 * FIN in such a segment is dropped instead (and comes again). */
-	if ((payload || fin) && seq_before(seq, v->splice_seq)) {
+	 * FIN in such a segment is dropped instead (and comes again).
+	 *
+	 * Only near the splice point: once 1 GiB has crossed this way no
+	 * pre-splice byte can still be in flight (a window is at most 1 GiB),
+	 * and the 32-bit comparison would call every byte 2 GiB or more past
+	 * the splice point "below" it, stalling the stream there. */
+	if ((payload || fin) && v->bytes < (1ULL << 30) && seq_before(seq, v->splice_seq)) {
 		if (fin)
 			return drop(v, STAT_BELOW_SPLICE);
 		if (chop_payload(skb, family, l3_off, l4_off, doff, payload) < 0)
@@ -568,7 +573,10 @@ int splice_ingress(struct __sk_buff *skb)
 	__u32 new_seq = seq + v->seq_delta;
 	__u32 new_ack = ack + v->ack_delta;
 
-	/* Options first (they are read from the packet as it is). */
+	/* Options first (they are read from the packet as it is). Their
+	 * checksum delta is folded into the fixed header's below: one
+	 * checksum update for the whole TCP header. */
+	__s64 odiff = 0;
 	__u32 optlen = doff - sizeof(struct tcphdr);
 	if (optlen) {
 		__u8 old[48] = {}, buf[48] = {};
@@ -586,64 +594,64 @@ int splice_ingress(struct __sk_buff *skb)
 			return drop(v, STAT_BAD_TCP);
 		/* One checksum delta over the whole (16-bit aligned) option
 		 * area: correct whatever the options' alignment. */
-		__s64 diff = bpf_csum_diff((__be32 *)old, optlen, (__be32 *)buf, optlen, 0);
-		if (diff < 0)
+		odiff = bpf_csum_diff((__be32 *)old, optlen, (__be32 *)buf, optlen, 0);
+		if (odiff < 0)
 			return drop(v, STAT_BAD_TCP);
 		if (bpf_skb_store_bytes(skb, l4_off + sizeof(struct tcphdr), buf, optlen, 0) < 0)
 			return drop(v, STAT_BAD_TCP);
-		if (bpf_l4_csum_replace(skb, csum_off, 0, (__u32)diff, 0) < 0)
-			return drop(v, STAT_BAD_TCP);
 	}
 
-	/* Fixed TCP header fields, through helpers (packet pointers do not
-	 * survive a checksum helper call, values read above do). */
-	__be32 n32 = bpf_htonl(new_seq);
-	if (bpf_skb_store_bytes(skb, l4_off + offsetof(struct tcphdr, seq), &n32, 4, 0) < 0)
+	/* The fixed TCP header, rewritten whole: one load, one store and one
+	 * checksum update (with the options' delta) rather than a helper pair
+	 * per field. Both copies carry the same checksum field, so the delta
+	 * leaves it out; with size 0 the helper applies a delta exactly as
+	 * the per-field form does (ignored for CHECKSUM_PARTIAL, where only
+	 * the pseudo-header counts). */
+	struct tcphdr oh, nh;
+	if (bpf_skb_load_bytes(skb, l4_off, &oh, sizeof(oh)) < 0)
 		return drop(v, STAT_BAD_TCP);
-	bpf_l4_csum_replace(skb, csum_off, bpf_htonl(seq), n32, 4);
-	if (has_ack) {
-		n32 = bpf_htonl(new_ack);
-		if (bpf_skb_store_bytes(skb, l4_off + offsetof(struct tcphdr, ack_seq), &n32, 4, 0) < 0)
-			return drop(v, STAT_BAD_TCP);
-		bpf_l4_csum_replace(skb, csum_off, bpf_htonl(ack), n32, 4);
-	}
-	__be16 n16 = bpf_htons(rescale_window(bpf_ntohs(o_win), v->wscale_in, v->wscale_out));
-	if (bpf_skb_store_bytes(skb, l4_off + offsetof(struct tcphdr, window), &n16, 2, 0) < 0)
+	nh = oh;
+	nh.seq = bpf_htonl(new_seq);
+	if (has_ack)
+		nh.ack_seq = bpf_htonl(new_ack);
+	nh.window = bpf_htons(rescale_window(bpf_ntohs(o_win), v->wscale_in, v->wscale_out));
+	nh.source = v->new_sport;
+	nh.dest = v->new_dport;
+	__s64 hdiff = bpf_csum_diff((__be32 *)&oh, sizeof(oh), (__be32 *)&nh, sizeof(nh),
+				    (__u32)odiff);
+	if (hdiff < 0)
 		return drop(v, STAT_BAD_TCP);
-	bpf_l4_csum_replace(skb, csum_off, o_win, n16, 2);
-	n16 = v->new_sport;
-	if (bpf_skb_store_bytes(skb, l4_off + offsetof(struct tcphdr, source), &n16, 2, 0) < 0)
+	if (bpf_skb_store_bytes(skb, l4_off, &nh, sizeof(nh), 0) < 0)
 		return drop(v, STAT_BAD_TCP);
-	bpf_l4_csum_replace(skb, csum_off, o_sport, n16, 2);
-	n16 = v->new_dport;
-	if (bpf_skb_store_bytes(skb, l4_off + offsetof(struct tcphdr, dest), &n16, 2, 0) < 0)
+	if (bpf_l4_csum_replace(skb, csum_off, 0, (__u32)hdiff, 0) < 0)
 		return drop(v, STAT_BAD_TCP);
-	bpf_l4_csum_replace(skb, csum_off, o_dport, n16, 2);
 
 	/* Addresses: part of the TCP pseudo-header (BPF_F_PSEUDO_HDR, which
 	 * also keeps a CHECKSUM_PARTIAL seed right) and, for IPv4, of the IP
-	 * header checksum. */
+	 * header checksum. Source and destination are adjacent in both IP
+	 * headers: one delta, one store. */
 	if (family == AF_INET) {
 		__u32 ip_csum_off = l3_off + offsetof(struct iphdr, check);
-		__u32 src_off = l3_off + offsetof(struct iphdr, saddr);
-		__u32 dst_off = l3_off + offsetof(struct iphdr, daddr);
-		bpf_l4_csum_replace(skb, csum_off, saddr[0], v->new_saddr[0], BPF_F_PSEUDO_HDR | 4);
-		bpf_l3_csum_replace(skb, ip_csum_off, saddr[0], v->new_saddr[0], 4);
-		bpf_skb_store_bytes(skb, src_off, &v->new_saddr[0], 4, 0);
-		bpf_l4_csum_replace(skb, csum_off, daddr[0], v->new_daddr[0], BPF_F_PSEUDO_HDR | 4);
-		bpf_l3_csum_replace(skb, ip_csum_off, daddr[0], v->new_daddr[0], 4);
-		bpf_skb_store_bytes(skb, dst_off, &v->new_daddr[0], 4, 0);
+		__be32 oa[2] = {saddr[0], daddr[0]};
+		__be32 na[2] = {v->new_saddr[0], v->new_daddr[0]};
+		__s64 adiff = bpf_csum_diff(oa, sizeof(oa), na, sizeof(na), 0);
+		if (adiff < 0)
+			return drop(v, STAT_BAD_TCP);
+		bpf_l4_csum_replace(skb, csum_off, 0, (__u32)adiff, BPF_F_PSEUDO_HDR);
+		bpf_l3_csum_replace(skb, ip_csum_off, 0, (__u32)adiff, 0);
+		bpf_skb_store_bytes(skb, l3_off + offsetof(struct iphdr, saddr), na, sizeof(na), 0);
 	} else {
-		for (int j = 0; j < 4; j++) {
-			__u32 so = l3_off + offsetof(struct ipv6hdr, saddr) + 4 * j;
-			__u32 dof = l3_off + offsetof(struct ipv6hdr, daddr) + 4 * j;
-			bpf_l4_csum_replace(skb, csum_off, saddr[j], v->new_saddr[j],
-					    BPF_F_PSEUDO_HDR | 4);
-			bpf_skb_store_bytes(skb, so, &v->new_saddr[j], 4, 0);
-			bpf_l4_csum_replace(skb, csum_off, daddr[j], v->new_daddr[j],
-					    BPF_F_PSEUDO_HDR | 4);
-			bpf_skb_store_bytes(skb, dof, &v->new_daddr[j], 4, 0);
-		}
+		__be32 oa[8], na[8];
+		__builtin_memcpy(oa, saddr, 16);
+		__builtin_memcpy(oa + 4, daddr, 16);
+		__builtin_memcpy(na, v->new_saddr, 16);
+		__builtin_memcpy(na + 4, v->new_daddr, 16);
+		__s64 adiff = bpf_csum_diff(oa, sizeof(oa), na, sizeof(na), 0);
+		if (adiff < 0)
+			return drop(v, STAT_BAD_TCP);
+		bpf_l4_csum_replace(skb, csum_off, 0, (__u32)adiff, BPF_F_PSEUDO_HDR);
+		bpf_skb_store_bytes(skb, l3_off + offsetof(struct ipv6hdr, saddr), na, sizeof(na),
+				    0);
 	}
 
 	/* Bookkeeping for teardown and RECONNECT. */

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::loader::{default_interfaces, Datapath};
-use crate::splice::{splice, Refused, SharedDatapath, Spliced};
+use crate::splice::{hold, splice, Holding, Refused, SharedDatapath, Spliced};
 use crate::Error;
 
 /// The loaded, attached datapath of one proxy process.
@@ -42,5 +42,12 @@ impl Engine {
         drain_timeout: Duration,
     ) -> Result<Spliced, Box<Refused>> {
         splice(&self.datapath, client, server, drain_timeout)
+    }
+
+    /// Checks two connected sockets and puts them in HOLD, without
+    /// blocking, for a caller that drives the drain itself (see
+    /// [`crate::splice::hold`]).
+    pub fn hold(&self, client: TcpStream, server: TcpStream) -> Result<Holding, Box<Refused>> {
+        hold(&self.datapath, client, server)
     }
 }

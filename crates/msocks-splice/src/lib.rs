@@ -32,7 +32,10 @@ pub use engine::Engine;
 #[cfg(target_os = "linux")]
 pub use loader::{Datapath, Hook};
 #[cfg(target_os = "linux")]
-pub use splice::{splice, splice_with, Options, Refused, Resume, SharedDatapath, Spliced, Status};
+pub use splice::{
+    hold, splice, splice_with, Drain, Holding, MoveFailed, Options, Refused, Resume,
+    SharedDatapath, Spliced, Status,
+};
 
 /// Boxed source error from the loader library.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -47,7 +47,13 @@ pub struct Datapath {
     /// `splice_ctl` words given back by ended splices, and the first never used.
     free_slots: Vec<u32>,
     next_slot: u32,
+    /// The local addresses and their interface indexes as last read, and
+    /// when: see [`Datapath::ifindexes_of`].
+    addresses: Option<(std::time::Instant, Vec<(std::net::IpAddr, u32)>)>,
 }
+
+/// How long [`Datapath::ifindexes_of`] trusts the addresses it read.
+const ADDRESSES_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl std::fmt::Debug for Datapath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -67,7 +73,13 @@ impl Datapath {
     /// Loads the object into the kernel and verifies the program. Needs
     /// `CAP_BPF` and `CAP_NET_ADMIN` (root).
     pub fn load() -> Result<Datapath, Error> {
-        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| Error::Load(boxed(e)))?;
+        // No kernel BTF: the program has no CO-RE relocations, so reading
+        // and parsing /sys/kernel/btf/vmlinux (several MiB) would be work
+        // for nothing.
+        let mut ebpf = aya::EbpfLoader::new()
+            .btf(None)
+            .load(OBJECT)
+            .map_err(|e| Error::Load(boxed(e)))?;
         let prog: &mut SchedClassifier = ebpf
             .program_mut(PROGRAM)
             .ok_or(Error::Missing(PROGRAM))?
@@ -81,6 +93,7 @@ impl Datapath {
             hooks: Vec::new(),
             free_slots: Vec::new(),
             next_slot: 0,
+            addresses: None,
         })
     }
 
@@ -154,6 +167,42 @@ impl Datapath {
     /// Whether the program runs at ingress of interface `ifindex`.
     pub fn covers(&self, ifindex: u32) -> bool {
         self.ifindexes.contains(&ifindex)
+    }
+
+    /// [`ifindex_of_addr`] of two addresses, from the addresses read at
+    /// most [`ADDRESSES_TTL`] ago (re-read at once when one is missing).
+    /// Walking the interface list costs a netlink dump of every link and
+    /// address, the biggest part of a splice's set-up otherwise. An address
+    /// moved to another interface within that second is seen late: a splice
+    /// installed meanwhile would send by the old interface, as one
+    /// installed before the move does anyway.
+    pub fn ifindexes_of(
+        &mut self,
+        a: std::net::IpAddr,
+        b: std::net::IpAddr,
+    ) -> Result<(u32, u32), Error> {
+        let find = |list: &[(std::net::IpAddr, u32)], ip| {
+            list.iter().find(|(addr, _)| *addr == ip).map(|(_, i)| *i)
+        };
+        if let Some((read, list)) = &self.addresses {
+            if read.elapsed() < ADDRESSES_TTL {
+                if let (Some(x), Some(y)) = (find(list, a), find(list, b)) {
+                    return Ok((x, y));
+                }
+            }
+        }
+        let list = local_addresses()?;
+        let found = (find(&list, a), find(&list, b));
+        self.addresses = Some((std::time::Instant::now(), list));
+        match found {
+            (Some(x), Some(y)) => Ok((x, y)),
+            (None, _) => Err(Error::Incompatible(format!(
+                "no interface holds the proxy address {a}"
+            ))),
+            (_, None) => Err(Error::Incompatible(format!(
+                "no interface holds the proxy address {b}"
+            ))),
+        }
     }
 
     /// Interfaces the program is attached to.
@@ -328,4 +377,94 @@ pub fn default_interfaces() -> Result<Vec<String>, Error> {
         }
     }
     Ok(names)
+}
+
+/// MTU of the interface `name` (in the calling thread's network
+/// namespace: read with `SIOCGIFMTU` on a socket, not from `/sys`, which
+/// shows the namespace sysfs was mounted in).
+pub fn interface_mtu(name: &str) -> Result<u32, Error> {
+    let sock_err = |op: &'static str| move |source: std::io::Error| Error::Socket { op, source };
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+        return Err(Error::Incompatible(format!(
+            "{name:?} is not an interface name"
+        )));
+    }
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::]:0"))
+        .map_err(sock_err("socket"))?;
+    // SAFETY: `ifreq` is plain old data (a name array and a union of
+    // integers and addresses), so all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFMTU reads the NUL-terminated name (zeroed above past
+    // its length, which is below IFNAMSIZ) and writes one c_int into the
+    // union of `req`, which lives on our stack for the call; the socket is
+    // open for the call.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SIOCGIFMTU as _,
+            &mut req as *mut libc::ifreq,
+        )
+    };
+    if rc != 0 {
+        return Err(sock_err("SIOCGIFMTU")(std::io::Error::last_os_error()));
+    }
+    // SAFETY: SIOCGIFMTU succeeded, so the kernel filled `ifru_mtu`.
+    let mtu = unsafe { req.ifr_ifru.ifru_mtu };
+    u32::try_from(mtu).map_err(|_| Error::Incompatible(format!("{name}: MTU {mtu}")))
+}
+
+/// The MSS both of a spliced session's connections should announce so
+/// that no segment either peer sends is too big for any of `interfaces`:
+/// the smallest MTU less the IP and TCP headers (40 bytes for IPv4, 60
+/// for IPv6). `None` when `interfaces` is empty.
+pub fn mss_for_interfaces(interfaces: &[String], ipv6: bool) -> Result<Option<u32>, Error> {
+    let headers = if ipv6 { 60 } else { 40 };
+    let mut smallest: Option<u32> = None;
+    for name in interfaces {
+        let mtu = interface_mtu(name)?;
+        smallest = Some(smallest.map_or(mtu, |m| m.min(mtu)));
+    }
+    Ok(smallest.map(|m| m.saturating_sub(headers)))
+}
+
+/// Every IPv4 and IPv6 address of the calling thread's network namespace,
+/// with the index of the interface holding it.
+fn local_addresses() -> Result<Vec<(std::net::IpAddr, u32)>, Error> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| Error::Socket {
+        op: "getifaddrs",
+        source: e.into(),
+    })?;
+    let mut indexes: Vec<(String, u32)> = Vec::new();
+    let mut out = Vec::new();
+    for ifa in addrs {
+        let Some(sa) = ifa.address else { continue };
+        let ip = if let Some(v4) = sa.as_sockaddr_in() {
+            std::net::IpAddr::V4(v4.ip())
+        } else if let Some(v6) = sa.as_sockaddr_in6() {
+            std::net::IpAddr::V6(v6.ip())
+        } else {
+            continue;
+        };
+        let index = match indexes.iter().find(|(n, _)| *n == ifa.interface_name) {
+            Some((_, i)) => *i,
+            None => {
+                let i =
+                    nix::net::if_::if_nametoindex(ifa.interface_name.as_str()).map_err(|e| {
+                        Error::Socket {
+                            op: "if_nametoindex",
+                            source: e.into(),
+                        }
+                    })?;
+                indexes.push((ifa.interface_name, i));
+                i
+            }
+        };
+        out.push((ip, index));
+    }
+    Ok(out)
 }

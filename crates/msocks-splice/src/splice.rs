@@ -331,10 +331,46 @@ pub fn splice_with(
     server: TcpStream,
     options: &Options,
 ) -> Result<Spliced, Box<Refused>> {
-    let drain_timeout = options.drain_timeout;
+    // Refused sockets come back blocking, as `splice` documents.
+    let blocking = |r: Box<Refused>| {
+        let _ = r.client.set_nonblocking(false);
+        let _ = r.server.set_nonblocking(false);
+        r
+    };
+    let mut holding = hold(datapath, client, server).map_err(blocking)?;
+    if !options.hold_settle.is_zero() {
+        std::thread::sleep(options.hold_settle);
+    }
+    let deadline = Instant::now() + options.drain_timeout;
+    loop {
+        match holding.drain_step() {
+            Ok(Drain::Quiet) => return holding.finish().map_err(blocking),
+            Ok(step) => {
+                if Instant::now() >= deadline {
+                    return Err(blocking(holding.abandon(Error::DrainTimeout)));
+                }
+                if step == Drain::Waiting {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            Err(e) => return Err(blocking(holding.abandon(e))),
+        }
+    }
+}
+
+/// Steps 1 and 2: checks that the two connections can be spliced and puts
+/// both directions in HOLD. Non-blocking (a few system calls); the sockets
+/// are left non-blocking. Drive the result with [`Holding::drain_step`]
+/// until it says [`Drain::Quiet`], then [`Holding::finish`] — or give up
+/// with [`Holding::abandon`]. [`splice_with`] is that loop, blocking.
+///
+/// A refusal hands the sockets back as they were given (blocking or not).
+pub fn hold(
+    datapath: &SharedDatapath,
+    client: TcpStream,
+    server: TcpStream,
+) -> Result<Holding, Box<Refused>> {
     let refuse = |error: Error, client: TcpStream, server: TcpStream| {
-        let _ = client.set_nonblocking(false);
-        let _ = server.set_nonblocking(false);
         Box::new(Refused {
             error,
             client,
@@ -343,6 +379,15 @@ pub fn splice_with(
             pending_to_client: Vec::new(),
             drained: (0, 0),
         })
+    };
+    // `TCP_INFO` first: a session whose client has already closed (the
+    // usual refusal) costs two system calls.
+    let infos = repair::info(client.as_fd())
+        .and_then(|c| Ok((c, repair::info(server.as_fd())?)))
+        .map_err(sock_err("TCP_INFO"));
+    let (c_info, s_info) = match infos.and_then(|(c, s)| compatible(&c, &s).map(|()| (c, s))) {
+        Ok(i) => i,
+        Err(e) => return Err(refuse(e, client, server)),
     };
     let addrs = (|| -> Result<_, Error> {
         Ok((
@@ -363,34 +408,31 @@ pub fn splice_with(
             server,
         ));
     }
-    let infos = repair::info(client.as_fd())
-        .and_then(|c| Ok((c, repair::info(server.as_fd())?)))
-        .map_err(sock_err("TCP_INFO"));
-    let (c_info, _) = match infos.and_then(|(c, s)| compatible(&c, &s).map(|()| (c, s))) {
-        Ok(i) => i,
-        Err(e) => return Err(refuse(e, client, server)),
-    };
-    let ifindexes = crate::loader::ifindex_of_addr(s_local.ip())
-        .and_then(|s| Ok((s, crate::loader::ifindex_of_addr(c_local.ip())?)));
-    let (s_ifindex, c_ifindex) = match ifindexes {
-        Ok(i) => i,
-        Err(e) => return Err(refuse(e, client, server)),
-    };
     // Segments of each connection must reach the program: it must run on
     // the interface each one arrives by (the one holding the proxy's
     // address, with symmetric routing).
-    let covered = {
-        let dp = lock(datapath);
-        dp.covers(s_ifindex) && dp.covers(c_ifindex)
+    let located = {
+        let mut dp = lock(datapath);
+        dp.ifindexes_of(s_local.ip(), c_local.ip())
+            .and_then(|(s, c)| {
+                if dp.covers(s) && dp.covers(c) {
+                    Ok((s, c))
+                } else {
+                    Err(Error::Incompatible(format!(
+                        "the datapath is not attached to interface {c} or {s}"
+                    )))
+                }
+            })
     };
-    if !covered {
-        return Err(refuse(
-            Error::Incompatible(format!(
-                "the datapath is not attached to interface {c_ifindex} or {s_ifindex}"
-            )),
-            client,
-            server,
-        ));
+    let (s_ifindex, c_ifindex) = match located {
+        Ok(i) => i,
+        Err(e) => return Err(refuse(e, client, server)),
+    };
+    let nonblocking = client
+        .set_nonblocking(true)
+        .and_then(|()| server.set_nonblocking(true));
+    if let Err(e) = nonblocking {
+        return Err(refuse(sock_err("set_nonblocking")(e), client, server));
     }
     let to_server = SpliceKey::new(c_peer, c_local);
     let to_client = SpliceKey::new(s_peer, s_local);
@@ -411,131 +453,219 @@ pub fn splice_with(
     if let Err(e) = held {
         return Err(refuse(e, client, server));
     }
-    let remove_entries = || {
-        let mut dp = lock(datapath);
-        if let Ok(mut table) = dp.table() {
-            let _ = table.remove(&to_server);
-            let _ = table.remove(&to_client);
-        }
-    };
-
-    if !options.hold_settle.is_zero() {
-        std::thread::sleep(options.hold_settle);
-    }
-
-    // Steps 3 and 4.
-    let frozen = freeze(&client, &server, drain_timeout);
-    let (c_state, s_state, drained, fins) = match frozen {
-        Ok(s) => s,
-        Err((error, pending)) => {
-            if tracing::enabled!(tracing::Level::DEBUG) {
-                let stats = lock(datapath).stats();
-                tracing::debug!(%error, ?stats, "splice abandoned");
-            }
-            remove_entries();
-            // Out of repair mode (if we got that far) without a window
-            // probe; errors here leave the socket as it was.
-            let _ = repair::set_repair(client.as_fd(), false);
-            let _ = repair::set_repair(server.as_fd(), false);
-            let _ = client.set_nonblocking(false);
-            let _ = server.set_nonblocking(false);
-            return Err(Box::new(Refused {
-                error,
-                client,
-                server,
-                pending_to_server: pending.to_server,
-                pending_to_client: pending.to_client,
-                drained: pending.written,
-            }));
-        }
-    };
-
-    // Step 5.
-    let mut opts = 0;
-    if c_info.options & TCPI_OPT_TIMESTAMPS != 0 {
-        opts |= OPT_TS;
-    }
-    if c_info.options & TCPI_OPT_SACK != 0 {
-        opts |= OPT_SACK;
-    }
-    let fwd = DirMap::new(&c_state, &s_state);
-    let rev = DirMap::new(&s_state, &c_state);
-    let mut v_fwd = value(
-        STATE_ACTIVE,
-        opts,
-        &fwd,
-        s_local,
-        s_peer,
-        &c_state,
-        &s_state,
-        s_ifindex,
-    );
-    let mut v_rev = value(
-        STATE_ACTIVE,
-        opts,
-        &rev,
-        c_local,
-        c_peer,
-        &s_state,
-        &c_state,
-        c_ifindex,
-    );
-    // A direction the drain closed is over before the splice point: its FIN
-    // (the proxy's own, on the outgoing connection) is recorded as passed
-    // and acknowledged, so that the splice ends when the other one is too.
-    if fins.0 {
-        v_fwd.events = crate::maps::EV_FIN | EV_FIN_ACKED;
-        v_fwd.fin_end = s_state.snd_nxt;
-    }
-    if fins.1 {
-        v_rev.events = crate::maps::EV_FIN | EV_FIN_ACKED;
-        v_rev.fin_end = c_state.snd_nxt;
-    }
-    let activated = (|| -> Result<u32, Error> {
-        let mut dp = lock(datapath);
-        let slot = dp.alloc_slot()?;
-        let (mut v_fwd, mut v_rev) = (v_fwd, v_rev);
-        v_fwd.ctl_slot = slot;
-        v_rev.ctl_slot = slot;
-        let written = dp.table().and_then(|mut table| {
-            table
-                .insert(to_server, v_fwd, 0)
-                .map_err(|e| Error::Map(Box::new(e)))?;
-            table
-                .insert(to_client, v_rev, 0)
-                .map_err(|e| Error::Map(Box::new(e)))
-        });
-        if let Err(e) = written {
-            dp.free_slot(slot);
-            return Err(e);
-        }
-        Ok(slot)
-    })();
-    let slot = match activated {
-        Ok(slot) => slot,
-        Err(e) => {
-            remove_entries();
-            let _ = repair::set_repair(client.as_fd(), false);
-            let _ = repair::set_repair(server.as_fd(), false);
-            return Err(refuse(e, client, server));
-        }
-    };
-    tracing::debug!(?c_state, ?s_state, "splice active");
-    Ok(Spliced {
+    Ok(Holding {
         datapath: Arc::clone(datapath),
+        sockets: Some((client, server)),
+        c_info,
+        s_info,
+        addrs: (c_local, c_peer, s_local, s_peer),
+        ifindexes: (c_ifindex, s_ifindex),
         to_server,
         to_client,
-        client: Some(client),
-        server: Some(server),
-        basepoints: Basepoints {
-            client: c_state,
-            server: s_state,
-        },
-        drained,
-        retired: VecDeque::new(),
-        slot,
-        up_fin_end: fins.0.then_some(s_state.snd_nxt),
+        pending: Pending::default(),
     })
+}
+
+/// What one pass of the drain found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drain {
+    /// Both sockets' receive and send queues are empty: call
+    /// [`Holding::finish`] now.
+    Quiet,
+    /// Bytes were copied: call again at once.
+    Moved,
+    /// Waiting for the peers to acknowledge what the sockets sent (or for
+    /// a destination's window): call again a little later.
+    Waiting,
+}
+
+/// A splice in HOLD (steps 1 and 2 done), being drained (step 3). Owns
+/// the two sockets. Dropping it removes the entries and drops the sockets
+/// (which then close normally).
+#[derive(Debug)]
+pub struct Holding {
+    datapath: SharedDatapath,
+    /// (client, server); taken by [`Holding::finish`] or
+    /// [`Holding::abandon`].
+    sockets: Option<(TcpStream, TcpStream)>,
+    c_info: Info,
+    s_info: Info,
+    /// (client local, client peer, server local, server peer).
+    addrs: (SocketAddr, SocketAddr, SocketAddr, SocketAddr),
+    /// (client side, server side).
+    ifindexes: (u32, u32),
+    to_server: SpliceKey,
+    to_client: SpliceKey,
+    pending: Pending,
+}
+
+impl Holding {
+    /// Step 3, one non-blocking pass: copies what either receive queue
+    /// holds to the other socket, and says whether all four queues are
+    /// empty. An error (a peer's FIN, a socket error) means the splice
+    /// cannot be installed: pass it to [`Holding::abandon`].
+    pub fn drain_step(&mut self) -> Result<Drain, Error> {
+        let Some((client, server)) = self.sockets.as_ref() else {
+            return Err(Error::Incompatible(
+                "the splice was already finished".into(),
+            ));
+        };
+        drain_pass(client, server, &mut self.pending)
+    }
+
+    /// Steps 4 and 5, right after [`Holding::drain_step`] said
+    /// [`Drain::Quiet`]: freezes both sockets and switches both directions
+    /// to ACTIVE.
+    pub fn finish(mut self) -> Result<Spliced, Box<Refused>> {
+        let frozen = match self.sockets.as_ref() {
+            Some((client, server)) => freeze_quiet(client, server, &self.c_info, &self.s_info),
+            None => Err(Error::Incompatible(
+                "the splice was already finished".into(),
+            )),
+        };
+        let (c_state, s_state) = match frozen {
+            Ok(s) => s,
+            Err(e) => return Err(self.abandon(e)),
+        };
+        let (c_local, c_peer, s_local, s_peer) = self.addrs;
+        let (c_ifindex, s_ifindex) = self.ifindexes;
+        let mut opts = 0;
+        if self.c_info.options & TCPI_OPT_TIMESTAMPS != 0 {
+            opts |= OPT_TS;
+        }
+        if self.c_info.options & TCPI_OPT_SACK != 0 {
+            opts |= OPT_SACK;
+        }
+        let fwd = DirMap::new(&c_state, &s_state);
+        let rev = DirMap::new(&s_state, &c_state);
+        let mut v_fwd = value(
+            STATE_ACTIVE,
+            opts,
+            &fwd,
+            s_local,
+            s_peer,
+            &c_state,
+            &s_state,
+            s_ifindex,
+        );
+        let mut v_rev = value(
+            STATE_ACTIVE,
+            opts,
+            &rev,
+            c_local,
+            c_peer,
+            &s_state,
+            &c_state,
+            c_ifindex,
+        );
+        // A direction the drain closed is over before the splice point: its
+        // FIN (the proxy's own, on the outgoing connection) is recorded as
+        // passed and acknowledged, so that the splice ends when the other
+        // one is too.
+        let fins = self.pending.fins;
+        if fins.0 {
+            v_fwd.events = crate::maps::EV_FIN | EV_FIN_ACKED;
+            v_fwd.fin_end = s_state.snd_nxt;
+        }
+        if fins.1 {
+            v_rev.events = crate::maps::EV_FIN | EV_FIN_ACKED;
+            v_rev.fin_end = c_state.snd_nxt;
+        }
+        let activated = (|| -> Result<u32, Error> {
+            let mut dp = lock(&self.datapath);
+            let slot = dp.alloc_slot()?;
+            v_fwd.ctl_slot = slot;
+            v_rev.ctl_slot = slot;
+            let written = dp.table().and_then(|mut table| {
+                table
+                    .insert(self.to_server, v_fwd, 0)
+                    .map_err(|e| Error::Map(Box::new(e)))?;
+                table
+                    .insert(self.to_client, v_rev, 0)
+                    .map_err(|e| Error::Map(Box::new(e)))
+            });
+            if let Err(e) = written {
+                dp.free_slot(slot);
+                return Err(e);
+            }
+            Ok(slot)
+        })();
+        let slot = match activated {
+            Ok(slot) => slot,
+            Err(e) => return Err(self.abandon(e)),
+        };
+        tracing::debug!(?c_state, ?s_state, "splice active");
+        let Some((client, server)) = self.sockets.take() else {
+            unreachable!("checked at the freeze above");
+        };
+        Ok(Spliced {
+            datapath: Arc::clone(&self.datapath),
+            to_server: self.to_server,
+            to_client: self.to_client,
+            client: Some(client),
+            server: Some(server),
+            basepoints: Basepoints {
+                client: c_state,
+                server: s_state,
+            },
+            drained: self.pending.written,
+            retired: VecDeque::new(),
+            slot,
+            up_fin_end: fins.0.then_some(s_state.snd_nxt),
+        })
+        // `self` drops with no sockets: its entries now belong to the
+        // splice.
+    }
+
+    /// Gives up before step 5: removes the entries, takes the sockets out
+    /// of repair mode (if they got that far) without sending anything, and
+    /// hands them back, non-blocking, with the bytes read and not yet
+    /// written.
+    /// Nothing is lost: what the datapath dropped in HOLD was acknowledged
+    /// by nobody, and its senders retransmit it to the unfrozen sockets.
+    pub fn abandon(mut self, error: Error) -> Box<Refused> {
+        self.remove_entries();
+        let Some((client, server)) = self.sockets.take() else {
+            // `sockets` is only taken by `finish` on success and here, both
+            // of which consume `self`.
+            unreachable!("a Holding owns its sockets until finish or abandon")
+        };
+        let _ = repair::set_repair(client.as_fd(), false);
+        let _ = repair::set_repair(server.as_fd(), false);
+        let pending = std::mem::take(&mut self.pending);
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let stats = lock(&self.datapath).stats();
+            tracing::debug!(%error, ?stats, "splice abandoned");
+        }
+        Box::new(Refused {
+            error,
+            client,
+            server,
+            pending_to_server: pending.to_server,
+            pending_to_client: pending.to_client,
+            drained: pending.written,
+        })
+    }
+
+    fn remove_entries(&self) {
+        let mut dp = lock(&self.datapath);
+        if let Ok(mut table) = dp.table() {
+            let _ = table.remove(&self.to_server);
+            let _ = table.remove(&self.to_client);
+        }
+    }
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        // Dropped mid-drain (its task was cancelled): the sockets close
+        // normally once the entries are gone and repair mode is off.
+        if let Some((client, server)) = self.sockets.take() {
+            self.remove_entries();
+            let _ = repair::set_repair(client.as_fd(), false);
+            let _ = repair::set_repair(server.as_fd(), false);
+        }
+    }
 }
 
 /// Bytes the drain took from one socket and had not yet written to the
@@ -551,156 +681,119 @@ pub(crate) struct Pending {
     fins: (bool, bool),
 }
 
-/// What a successful freeze read: both connections' state, and the bytes
-/// the drain copied (up, down).
-type Frozen = (ConnState, ConnState, (u64, u64), (bool, bool));
-
-/// Steps 3 and 4: drain both sockets, then freeze them and read their
-/// state. On failure, returns what it read and did not yet write.
-fn freeze(
+/// One pass of step 3 on non-blocking sockets: a destination that does
+/// not take bytes (its peer's window is closed) must not block the proxy,
+/// and whatever was read but not written stays in `pending`.
+fn drain_pass(
     client: &TcpStream,
     server: &TcpStream,
-    timeout: Duration,
-) -> Result<Frozen, (Error, Pending)> {
-    let mut pending = Pending::default();
-    match drain(client, server, timeout, &mut pending) {
-        Ok(()) => {}
-        Err(e) => return Err((e, pending)),
-    }
-    let written = pending.written;
-    let fins = pending.fins;
-    freeze_quiet(client, server)
-        .map(|(c, s)| (c, s, written, fins))
-        .map_err(|e| {
-            (
-                e,
-                Pending {
-                    written,
-                    ..Pending::default()
-                },
-            )
-        })
-}
-
-/// Step 3. Non-blocking throughout: a destination that does not take
-/// bytes (its peer's window is closed) must not block the proxy past the
-/// deadline, and whatever was read but not written stays in `pending`.
-fn drain(
-    client: &TcpStream,
-    server: &TcpStream,
-    timeout: Duration,
     pending: &mut Pending,
-) -> Result<(), Error> {
-    for s in [client, server] {
-        s.set_nonblocking(true)
-            .map_err(sock_err("set_nonblocking"))?;
-    }
-    let deadline = Instant::now() + timeout;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let mut moved = false;
-        for (mut from, mut to, queue, written, fin) in [
-            (
-                client,
-                server,
-                &mut pending.to_server,
-                &mut pending.written.0,
-                &mut pending.fins.0,
-            ),
-            (
-                server,
-                client,
-                &mut pending.to_client,
-                &mut pending.written.1,
-                &mut pending.fins.1,
-            ),
-        ] {
-            if queue.is_empty() && !*fin {
-                let n = repair::inq(from.as_fd()).map_err(sock_err("SIOCINQ"))? as usize;
-                if n > 0 {
-                    let want = n.min(buf.len());
-                    match from.read(&mut buf[..want]) {
-                        Ok(got) => queue.extend_from_slice(&buf[..got]),
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(e) => {
-                            return Err(Error::Socket {
-                                op: "read",
-                                source: e,
-                            })
-                        }
+) -> Result<Drain, Error> {
+    /// Most bytes read from one socket per pass.
+    const CHUNK: usize = 64 * 1024;
+    let mut moved = false;
+    for (mut from, mut to, queue, written) in [
+        (
+            client,
+            server,
+            &mut pending.to_server,
+            &mut pending.written.0,
+        ),
+        (
+            server,
+            client,
+            &mut pending.to_client,
+            &mut pending.written.1,
+        ),
+    ] {
+        if queue.is_empty() {
+            let n = repair::inq(from.as_fd()).map_err(sock_err("SIOCINQ"))? as usize;
+            if n > 0 {
+                // Read straight into the queue: no buffer unless there are
+                // bytes (a fresh CONNECT usually has none).
+                let want = n.min(CHUNK);
+                queue.resize(want, 0);
+                match from.read(&mut queue[..]) {
+                    Ok(got) => queue.truncate(got),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => queue.clear(),
+                    Err(e) => {
+                        queue.clear();
+                        return Err(Error::Socket {
+                            op: "read",
+                            source: e,
+                        });
                     }
-                } else if peer_closed(from)? {
-                    // A half-closed session is spliced too: the FIN goes on
-                    // (the other socket's sending side is shut down, and the
-                    // quiet check below waits for its acknowledgement), and
-                    // the splice carries the direction still open.
-                    to.shutdown(std::net::Shutdown::Write)
-                        .map_err(sock_err("shutdown"))?;
-                    *fin = true;
+                }
+            }
+        }
+        if !queue.is_empty() {
+            match to.write(queue) {
+                Ok(k) => {
+                    queue.drain(..k);
+                    *written += k as u64;
                     moved = true;
                 }
-            }
-            if !queue.is_empty() {
-                match to.write(queue) {
-                    Ok(k) => {
-                        queue.drain(..k);
-                        *written += k as u64;
-                        moved = true;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => {
-                        return Err(Error::Socket {
-                            op: "write",
-                            source: e,
-                        })
-                    }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    return Err(Error::Socket {
+                        op: "write",
+                        source: e,
+                    })
                 }
             }
         }
-        if pending.fins.0 && pending.fins.1 {
-            // Both directions are over: nothing left to splice.
-            return Err(Error::PeerClosed);
-        }
-        let idle = !moved && pending.to_server.is_empty() && pending.to_client.is_empty();
-        if idle {
-            for s in [client, server] {
-                repair::quickack(s.as_fd()).map_err(sock_err("TCP_QUICKACK"))?;
-            }
-            let quiet =
-                [client, server]
-                    .iter()
-                    .try_fold(true, |acc, s| -> Result<bool, Error> {
-                        let q = repair::inq(s.as_fd()).map_err(sock_err("SIOCINQ"))?
-                            + repair::outq(s.as_fd()).map_err(sock_err("SIOCOUTQ"))?;
-                        Ok(acc && q == 0)
-                    })?;
-            if quiet {
-                return Ok(());
-            }
-        }
-        if Instant::now() >= deadline {
-            let q = |s: &TcpStream| {
-                (
-                    repair::inq(s.as_fd()).unwrap_or(u32::MAX),
-                    repair::outq(s.as_fd()).unwrap_or(u32::MAX),
-                )
-            };
-            tracing::debug!(
-                client_in_out = ?q(client),
-                server_in_out = ?q(server),
-                pending = ?(pending.to_server.len(), pending.to_client.len()),
-                "drain timed out"
-            );
-            return Err(Error::DrainTimeout);
-        }
-        if !moved {
-            std::thread::sleep(Duration::from_millis(1));
+    }
+    if moved {
+        return Ok(Drain::Moved);
+    }
+    if !pending.to_server.is_empty() || !pending.to_client.is_empty() {
+        return Ok(Drain::Waiting);
+    }
+    // Both receive queues were empty above. Waiting for the peers' ACKs is
+    // the usual case: check the send queues before anything else.
+    for s in [client, server] {
+        if repair::outq(s.as_fd()).map_err(sock_err("SIOCOUTQ"))? != 0 {
+            return Ok(Drain::Waiting);
         }
     }
+    // Quiet. A peer's FIN already in (before HOLD; HOLD drops FINs) is
+    // passed on: the other socket's sending side is shut down, and the
+    // next passes wait for that FIN's acknowledgement like any byte (the
+    // send queue counts it); the direction still open is spliced. Both
+    // closed: nothing left to splice. Then the ACKs the sockets owe go out
+    // now, not from a delayed-ACK timer after the freeze.
+    let mut passed_on = false;
+    for (from, to, fin) in [
+        (client, server, &mut pending.fins.0),
+        (server, client, &mut pending.fins.1),
+    ] {
+        if !*fin && peer_closed(from)? {
+            to.shutdown(std::net::Shutdown::Write)
+                .map_err(sock_err("shutdown"))?;
+            *fin = true;
+            passed_on = true;
+        }
+    }
+    if pending.fins.0 && pending.fins.1 {
+        return Err(Error::PeerClosed);
+    }
+    if passed_on {
+        return Ok(Drain::Waiting);
+    }
+    for s in [client, server] {
+        repair::quickack(s.as_fd()).map_err(sock_err("TCP_QUICKACK"))?;
+    }
+    Ok(Drain::Quiet)
 }
 
-/// Step 4, on drained sockets.
-fn freeze_quiet(client: &TcpStream, server: &TcpStream) -> Result<(ConnState, ConnState), Error> {
+/// Step 4, on drained sockets, with the `TCP_INFO` read at the checks (the
+/// window shifts and options it gives are fixed once established).
+fn freeze_quiet(
+    client: &TcpStream,
+    server: &TcpStream,
+    c_info: &Info,
+    s_info: &Info,
+) -> Result<(ConnState, ConnState), Error> {
     for s in [client, server] {
         repair::keepalive_off(s.as_fd()).map_err(sock_err("SO_KEEPALIVE"))?;
         repair::set_repair(s.as_fd(), true).map_err(sock_err("TCP_REPAIR"))?;
@@ -714,22 +807,16 @@ fn freeze_quiet(client: &TcpStream, server: &TcpStream) -> Result<(ConnState, Co
             return Err(Error::DrainTimeout);
         }
     }
-    let c_info = repair::info(client.as_fd()).map_err(sock_err("TCP_INFO"))?;
-    let s_info = repair::info(server.as_fd()).map_err(sock_err("TCP_INFO"))?;
-    let c = repair::read_state(client.as_fd(), &c_info).map_err(sock_err("TCP_QUEUE_SEQ"))?;
-    let s = repair::read_state(server.as_fd(), &s_info).map_err(sock_err("TCP_QUEUE_SEQ"))?;
+    let c = repair::read_state(client.as_fd(), c_info).map_err(sock_err("TCP_QUEUE_SEQ"))?;
+    let s = repair::read_state(server.as_fd(), s_info).map_err(sock_err("TCP_QUEUE_SEQ"))?;
     Ok((c, s))
 }
 
 /// Whether the peer's FIN is in: a half-closed connection is not spliced.
+/// The socket is non-blocking (the whole drain is).
 fn peer_closed(s: &TcpStream) -> Result<bool, Error> {
     let mut b = [0u8; 1];
-    s.set_nonblocking(true)
-        .map_err(sock_err("set_nonblocking"))?;
-    let r = s.peek(&mut b);
-    s.set_nonblocking(false)
-        .map_err(sock_err("set_nonblocking"))?;
-    match r {
+    match s.peek(&mut b) {
         Ok(0) => Ok(true),
         Ok(_) => Ok(false),
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
