@@ -13,17 +13,18 @@
 #[path = "../../msocks-splice/tests/evidence/mod.rs"]
 mod evidence;
 
+use evidence::capture::Capture;
+
 mod support;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Stdio};
 use std::thread;
 use std::time::Duration;
 
 use msocks_proxy::config::{EngineConfig, EngineKind};
 use msocks_proxy::ProxyConfig;
-use msocks_testbed::{Link, Netns, Testbed, SV_IF_ON_PX};
+use msocks_testbed::{Link, Testbed, SV_IF_ON_PX};
 use sha2::{Digest, Sha256};
 use support::{LogBuffer, ProxyInNamespace};
 
@@ -68,73 +69,6 @@ fn recv(mut s: &TcpStream, mut h: Sha256, mut total: u64) -> (u64, Vec<u8>) {
         }
         h.update(&buf[..n]);
         total += n as u64;
-    }
-}
-
-struct Capture(Child, Option<thread::JoinHandle<Vec<u8>>>);
-
-impl Capture {
-    fn start(ns: &Netns, iface: &str, path: &std::path::Path) -> Capture {
-        let mut child = ns
-            .command("tcpdump")
-            .args([
-                "-i",
-                iface,
-                "-n",
-                "-s",
-                "0",
-                "--immediate-mode",
-                "-B",
-                "65536",
-            ])
-            .args(["--time-stamp-precision", "nano", "-w"])
-            .arg(path)
-            .arg("tcp")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("tcpdump (Debian package tcpdump) must be installed");
-        let mut err = child.stderr.take().expect("piped stderr");
-        let mut seen = Vec::new();
-        let mut b = [0u8; 256];
-        while !String::from_utf8_lossy(&seen).contains("listening on") {
-            let n = err.read(&mut b).expect("tcpdump stderr");
-            assert!(n > 0, "tcpdump exited: {}", String::from_utf8_lossy(&seen));
-            seen.extend_from_slice(&b[..n]);
-        }
-        let rest = thread::spawn(move || {
-            let mut rest = Vec::new();
-            let _ = err.read_to_end(&mut rest);
-            rest
-        });
-        Capture(child, Some(rest))
-    }
-
-    /// Stops tcpdump and returns how many packets the kernel dropped
-    /// before tcpdump read them (unknown counts as lossy).
-    fn stop(mut self) -> u64 {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let _ = self.0.wait();
-        let text = self
-            .1
-            .take()
-            .and_then(|h| h.join().ok())
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default();
-        text.lines()
-            .find(|l| l.contains("dropped by kernel"))
-            .and_then(|l| l.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(u64::MAX)
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -249,7 +183,7 @@ fn kernel_engine_splices_a_connect_session() {
     // Give the proxy time to see both FINs acknowledged and tear down.
     thread::sleep(Duration::from_secs(3));
     proxy.stop();
-    let dropped = cap_a.stop().saturating_add(cap_b.stop());
+    let dropped = cap_a.stop().1.saturating_add(cap_b.stop().1);
 
     assert_eq!((c_n, s_n), (BULK, BULK), "bytes received by client, server");
     assert_eq!(c_got, s_sent, "client's SHA-256");
