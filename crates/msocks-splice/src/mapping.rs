@@ -25,6 +25,10 @@ pub struct ConnState {
     pub ts_offset: u32,
 }
 
+/// Payload bytes after which a direction no longer checks for bytes below
+/// its splice point: the largest TCP window (2^30), as in the datapath.
+pub const CHOP_WINDOW: u64 = 1 << 30;
+
 /// The rewrite of one direction, incoming connection to outgoing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DirMap {
@@ -68,9 +72,13 @@ impl DirMap {
     }
 
     /// Whether a segment starting at `seq` carries bytes the proxy consumed
-    /// before the splice (the datapath drops it).
-    pub fn below_splice(&self, seq: u32) -> bool {
-        seq_before(seq, self.splice_seq)
+    /// before the splice (the datapath chops its payload off), once
+    /// `crossed` payload bytes went through this direction. Only near the
+    /// splice point: after [`CHOP_WINDOW`] bytes no pre-splice byte can still
+    /// be in flight, and the 32-bit comparison would call every byte 2 GiB or
+    /// more past the splice point "below" it.
+    pub fn below_splice(&self, seq: u32, crossed: u64) -> bool {
+        crossed < CHOP_WINDOW && seq_before(seq, self.splice_seq)
     }
 
     /// The window field on the outgoing connection.
@@ -193,7 +201,11 @@ mod tests {
         fn stream_offsets_are_preserved(a in conn(), b in conn(), k in any::<u32>()) {
             let m = DirMap::new(&a, &b);
             prop_assert_eq!(m.seq(a.rcv_nxt.wrapping_add(k)), b.snd_nxt.wrapping_add(k));
-            prop_assert!(!m.below_splice(a.rcv_nxt));
+            prop_assert!(!m.below_splice(a.rcv_nxt, 0));
+            // Far from the splice point nothing is below it, even 2 GiB and more past it
+            // (where the 32-bit comparison alone would say so).
+            prop_assert!(!m.below_splice(a.rcv_nxt.wrapping_add(1 << 31), CHOP_WINDOW));
+            prop_assert!(m.below_splice(a.rcv_nxt.wrapping_sub(1), 0));
         }
 
         /// A byte sent by the server, forwarded to the mobile node and
