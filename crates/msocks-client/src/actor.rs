@@ -12,14 +12,18 @@
 //!
 //! 1. `connecting` (migrations only): the new TCP connection. The old connection keeps
 //!    carrying data meanwhile (make-before-break).
-//! 2. `resuming`: the old socket is frozen (no more reads or writes, so the counters are
-//!    final), then greeting, credentials and RECONNECT go out on the new connection and
-//!    the reply comes back; for an automatic reconnect this future also makes the
-//!    connections, over the configured paths with backoff, until the deadline.
+//! 2. `resuming`: the old socket is frozen for writing (so `data_written` is final), then
+//!    greeting, credentials and RECONNECT go out on the new connection and the reply comes
+//!    back; for an automatic reconnect this future also makes the connections, over the
+//!    configured paths with backoff, until the deadline.
 //!
-//! While they run the application side keeps going: buffered bytes are delivered, and the
-//! application may write until the pipe is full. On success the salvage bytes are read from
-//! the old socket, the rewrite is queued ahead of new data, and the old socket is closed.
+//! While they run the application side keeps going: buffered bytes are delivered, the old
+//! socket is still read (the server's bytes the proxy sent before the RECONNECT reach the
+//! application without waiting for the reply), and the application may write until the
+//! pipe is full. On success the rest of the salvage is read from the old socket (the reply's
+//! `data_salvage` counts from the RECONNECT's `data_read`; what was read ahead beyond it comes
+//! again on the new connection and is dropped there), the rewrite is queued ahead of new
+//! data, and the old socket is closed.
 
 use std::future::Future;
 use std::io;
@@ -135,12 +139,17 @@ impl Buf {
 struct Conn {
     stream: TcpStream,
     path: ProxyPath,
-    /// No more reads or writes: a RECONNECT with this connection's final counters is (about
-    /// to be) on its way, and the proxy may detach this connection at any moment, so even
-    /// its FIN would be meaningless.
+    /// No more writes: a RECONNECT with this connection's final counters is (about to be)
+    /// on its way, and the proxy may detach this connection at any moment, so even its FIN
+    /// would be meaningless. Reads go on while the reply is awaited (see `ahead_open`).
     frozen: bool,
     /// An I/O error happened on it.
     failed: bool,
+    /// A frozen connection may still be read (the server's bytes the proxy sent before
+    /// the RECONNECT, delivered without waiting for the reply) until it ends or fails; then
+    /// this is false, and the end is not the server's FIN (the proxy closes a detached
+    /// connection).
+    ahead_open: bool,
 }
 
 impl Conn {
@@ -150,11 +159,17 @@ impl Conn {
             path,
             frozen: false,
             failed: false,
+            ahead_open: true,
         }
     }
 
     fn active(&self) -> bool {
         !self.frozen && !self.failed
+    }
+
+    /// Frozen for a move, and still readable.
+    fn reading_ahead(&self) -> bool {
+        self.frozen && !self.failed && self.ahead_open
     }
 }
 
@@ -236,6 +251,9 @@ struct Actor {
     early: Option<EarlyState>,
     /// `data_read` and `data_written` in the RECONNECT being carried out.
     resume_counters: (u64, u64),
+    /// Bytes still to drop from the front of the new connection's stream: the application
+    /// read them from the old connection while the RECONNECT was on its way.
+    skip_down: u64,
     /// The proxy refused FLAGS bit 1 (an older proxy): no more early resends.
     early_unsupported: bool,
     /// Attempts of this move before an early-resend attempt was retried the plain way.
@@ -299,6 +317,7 @@ pub(crate) fn spawn(opened: Opened, cfg: MobileConfig) -> Result<MobileStream, E
         resuming: None,
         early: None,
         resume_counters: (0, 0),
+        skip_down: 0,
         early_unsupported: false,
         prior_attempts: 0,
     };
@@ -389,7 +408,10 @@ impl Actor {
 
     async fn next_event(&mut self) -> Event {
         let active = self.conn.active();
-        let want_sock_read = active && !self.down_eof && self.down.is_empty() && !self.app_gone;
+        let want_sock_read = (active || (self.conn.reading_ahead() && self.resuming.is_some()))
+            && !self.down_eof
+            && self.down.is_empty()
+            && !self.app_gone;
         let has_output =
             !self.rewrite.is_empty() || !self.up.is_empty() || (self.up_eof && !self.fin_sent);
         let want_sock_write = active && has_output && !self.window_blocked;
@@ -521,6 +543,24 @@ impl Actor {
         let result = self.conn.stream.try_read(&mut self.down.data);
         let n = *result.as_ref().unwrap_or(&0);
         self.down.data.truncate(n);
+        // Bytes of this connection that the application already read from the one before.
+        let skip = usize::try_from(self.skip_down).unwrap_or(usize::MAX).min(n);
+        if skip > 0 {
+            self.down.advance(skip);
+            self.skip_down -= skip as u64;
+        }
+        if self.conn.frozen {
+            // Reading ahead on a connection a RECONNECT is detaching: its end is the proxy
+            // closing it (or the link), not the server's FIN, and its errors are for the
+            // salvage to find.
+            match &result {
+                Ok(0) => self.conn.ahead_open = false,
+                Ok(n) => self.data_read = self.data_read.wrapping_add((*n - skip) as u64),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => self.conn.ahead_open = false,
+            }
+            return Ok(());
+        }
         match result {
             Ok(0) => {
                 tracing::debug!(token = %self.id.token, "server finished its direction (FIN)");
@@ -528,7 +568,7 @@ impl Actor {
                 Ok(())
             }
             Ok(n) => {
-                self.data_read = self.data_read.wrapping_add(n as u64);
+                self.data_read = self.data_read.wrapping_add((n - skip) as u64);
                 Ok(())
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
@@ -883,9 +923,15 @@ impl Actor {
                 data_salvage: counters.data_salvage,
             });
         }
-        if counters.data_salvage > 0 {
-            self.salvage(counters.data_salvage).await?;
+        // Bytes read from the old socket since the RECONNECT's counters were taken: the
+        // first `data_salvage` of them were part of the salvage; any beyond it come again
+        // on the new connection and are dropped there.
+        let ahead = self.data_read.wrapping_sub(self.resume_counters.0);
+        let salvage = counters.data_salvage.saturating_sub(ahead);
+        if salvage > 0 {
+            self.salvage(salvage).await?;
         }
+        let skip = ahead.saturating_sub(counters.data_salvage);
         let early = self.early.take();
         let available = self.ring.len();
         let rewrite = if early.is_some() {
@@ -932,6 +978,11 @@ impl Actor {
         // the rewrite (`write_socket` sends it once `rewrite` and `up` are empty).
         self.fin_sent = false;
         self.window_blocked = false;
+        let dropped = usize::try_from(skip)
+            .unwrap_or(usize::MAX)
+            .min(leftover.len());
+        let leftover = &leftover[dropped..];
+        self.skip_down = skip - dropped as u64;
         if !leftover.is_empty() {
             if self.down_eof {
                 tracing::warn!(
@@ -941,7 +992,7 @@ impl Actor {
                 );
             } else {
                 self.data_read = self.data_read.wrapping_add(leftover.len() as u64);
-                self.down.extend(&leftover);
+                self.down.extend(leftover);
             }
         }
         self.moves += 1;
@@ -957,7 +1008,10 @@ impl Actor {
             duration: requested.elapsed(),
             connect_time,
             reply_time,
-            first_new_read: self.resume_counters.0.wrapping_add(counters.data_salvage),
+            first_new_read: self
+                .resume_counters
+                .0
+                .wrapping_add(counters.data_salvage.max(ahead)),
             first_new_written: self.resume_counters.1.wrapping_sub(counters.data_write),
         };
         tracing::info!(
@@ -1015,11 +1069,16 @@ impl Actor {
                 _ => 0,
             };
             self.down.data.truncate(start + n);
+            // What the application already read from the connection before this one comes
+            // first (a move before the previous one's duplicates were all dropped).
+            let skip = usize::try_from(self.skip_down).unwrap_or(usize::MAX).min(n);
+            self.down.data.drain(start..start + skip);
+            self.skip_down -= skip as u64;
             match read {
                 Ok(Ok(0)) => return Err(failed(got, "the old connection ended".into())),
                 Ok(Ok(n)) => {
-                    got += n as u64;
-                    self.data_read = self.data_read.wrapping_add(n as u64);
+                    got += (n - skip) as u64;
+                    self.data_read = self.data_read.wrapping_add((n - skip) as u64);
                 }
                 Ok(Err(e)) => return Err(failed(got, e.to_string())),
                 Err(_) => return Err(failed(got, "timed out".into())),
