@@ -12,7 +12,7 @@
 mod support;
 
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::thread;
 use std::time::Duration;
 
@@ -22,23 +22,7 @@ use msocks_testbed::Testbed;
 use support::{LogBuffer, ProxyInNamespace};
 
 fn socks_connect(px: SocketAddr, sv: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect(px).expect("connect proxy");
-    s.set_read_timeout(Some(Duration::from_secs(20))).ok();
-    (&s).write_all(&[5, 1, 0]).expect("greeting");
-    let mut sel = [0u8; 2];
-    (&s).read_exact(&mut sel).expect("selection");
-    assert_eq!(sel, [5, 0]);
-    let IpAddr::V4(ip) = sv.ip() else {
-        unreachable!("IPv4 server")
-    };
-    let mut req = vec![5, 1, 0, 1];
-    req.extend_from_slice(&ip.octets());
-    req.extend_from_slice(&sv.port().to_be_bytes());
-    (&s).write_all(&req).expect("request");
-    let mut rep = [0u8; 10];
-    (&s).read_exact(&mut rep).expect("reply");
-    assert_eq!(&rep[..2], &[5, 0], "CONNECT succeeded");
-    s
+    support::socks5_connect(px, sv, Duration::from_secs(20))
 }
 
 #[test]

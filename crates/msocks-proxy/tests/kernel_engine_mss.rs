@@ -15,7 +15,7 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::thread;
 use std::time::Duration;
@@ -98,22 +98,7 @@ fn session(tb: &Testbed, px_addr: SocketAddr, sv_addr: SocketAddr) -> (u32, u32)
         .mn
         .run_in(move || {
             thread::spawn(move || {
-                let s = TcpStream::connect(px_addr).expect("connect proxy");
-                s.set_read_timeout(Some(IO_TIMEOUT)).ok();
-                (&s).write_all(&[5, 1, 0]).expect("greeting");
-                let mut sel = [0u8; 2];
-                (&s).read_exact(&mut sel).expect("selection");
-                assert_eq!(sel, [5, 0]);
-                let IpAddr::V4(ip) = sv_addr.ip() else {
-                    unreachable!("IPv4 server")
-                };
-                let mut req = vec![5, 1, 0, 1];
-                req.extend_from_slice(&ip.octets());
-                req.extend_from_slice(&sv_addr.port().to_be_bytes());
-                (&s).write_all(&req).expect("request");
-                let mut rep = [0u8; 10];
-                (&s).read_exact(&mut rep).expect("reply");
-                assert_eq!(&rep[..2], &[5, 0], "CONNECT succeeded");
+                let s = support::socks5_connect(px_addr, sv_addr, IO_TIMEOUT);
                 let mss = send_mss(&s);
                 (mss, exchange(s, up_sent))
             })

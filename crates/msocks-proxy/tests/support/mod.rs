@@ -2,7 +2,8 @@
 //! which engine each session used), and an in-process proxy running inside a testbed
 //! namespace until stopped.
 
-use std::io;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -92,4 +93,28 @@ impl ProxyInNamespace {
         let _ = self.stop.send(());
         self.thread.join().expect("proxy thread");
     }
+}
+
+/// A plain SOCKS5 CONNECT without authentication through the proxy at `proxy` to the IPv4
+/// `target`, waiting for each answer; panics on anything unexpected. The stream's reads time
+/// out after `timeout`.
+#[allow(dead_code)] // not every test file that includes this module opens sessions this way
+pub fn socks5_connect(proxy: SocketAddr, target: SocketAddr, timeout: Duration) -> TcpStream {
+    let s = TcpStream::connect(proxy).expect("connect proxy");
+    s.set_read_timeout(Some(timeout)).ok();
+    (&s).write_all(&[5, 1, 0]).expect("greeting");
+    let mut sel = [0u8; 2];
+    (&s).read_exact(&mut sel).expect("selection");
+    assert_eq!(sel, [5, 0]);
+    let IpAddr::V4(ip) = target.ip() else {
+        unreachable!("IPv4 target")
+    };
+    let mut req = vec![5, 1, 0, 1];
+    req.extend_from_slice(&ip.octets());
+    req.extend_from_slice(&target.port().to_be_bytes());
+    (&s).write_all(&req).expect("request");
+    let mut rep = [0u8; 10];
+    (&s).read_exact(&mut rep).expect("reply");
+    assert_eq!(&rep[..2], &[5, 0], "CONNECT succeeded");
+    s
 }
