@@ -260,6 +260,7 @@ mod linux {
             bound,
             counters: Counters::at(drained_down, up_written + drained_up),
             spliced: Some(spliced),
+            sent_before: 0,
             moves: 0,
         };
         Ok(session.run(attach_rx, traffic).await)
@@ -274,6 +275,11 @@ mod linux {
         counters: Counters,
         /// Always `Some` between calls; taken while a blocking step owns it.
         spliced: Option<Spliced>,
+        /// The most server-to-client bytes an earlier splice of the session sent: a move
+        /// resumes at the client's position, but the client may have read further on the
+        /// old connection (it reads on while its RECONNECT is under way), and its next
+        /// RECONNECT's `data_read` is checked against what was ever sent.
+        sent_before: u64,
         moves: u64,
     }
 
@@ -416,7 +422,7 @@ mod linux {
             let pos = SessionPosition {
                 read_origin: self.options.read_origin,
                 write_origin: self.options.write_origin,
-                down_sent: self.counters.down_sent.value(),
+                down_sent: self.counters.down_sent.value().max(self.sent_before),
                 down_acked: self.counters.down_acked.value(),
                 up_received: self.counters.up_acked.value(),
             };
@@ -506,6 +512,7 @@ mod linux {
             match moved {
                 Moved::Done(sp) => {
                     self.spliced = Some(sp);
+                    self.sent_before = pos.down_sent;
                     // The new splice point of the client's stream is where its bytes on the new
                     // connection start.
                     self.counters =

@@ -128,6 +128,11 @@ pub(crate) struct MobileEngine<'a> {
     retained: VecDeque<u8>,
     base: u64,
     down_sent: u64,
+    /// The most server-to-client bytes ever sent on any mobile-side connection: a move sends
+    /// again from its resume point, but the client may have read further on the old
+    /// connection (it reads on while its RECONNECT is under way), and its next RECONNECT's
+    /// `data_read` is checked against this.
+    down_sent_max: u64,
     server_eof: bool,
     /// Server-to-client offsets of urgent bytes not yet acknowledged.
     urgent_down: VecDeque<u64>,
@@ -175,6 +180,7 @@ impl<'a> MobileEngine<'a> {
             retained: start.down_pending.into(),
             base: start.down_written,
             down_sent: start.down_written,
+            down_sent_max: start.down_written,
             server_eof: false,
             urgent_down: VecDeque::new(),
             urgent_history: Vec::new(),
@@ -404,6 +410,7 @@ impl<'a> MobileEngine<'a> {
         match result {
             Ok(n) => {
                 self.down_sent += n as u64;
+                self.down_sent_max = self.down_sent_max.max(self.down_sent);
                 p.written += n as u64;
                 self.traffic.down.fetch_add(n as u64, Ordering::Relaxed);
                 self.last_activity = Instant::now();
@@ -481,7 +488,7 @@ impl<'a> MobileEngine<'a> {
         let pos = SessionPosition {
             read_origin: self.options.read_origin,
             write_origin: self.options.write_origin,
-            down_sent: self.down_sent,
+            down_sent: self.down_sent_max,
             down_acked: self.base,
             up_received: self.up_received,
         };
