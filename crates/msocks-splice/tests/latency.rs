@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use msocks_splice::{splice, Hook, Status};
+use msocks_splice::Hook;
 use msocks_testbed::Testbed;
 
 const ROUNDS: usize = 5000;
@@ -86,23 +86,7 @@ fn one_byte_latency_splice_vs_ip_forwarding() {
         .expect("setns mn");
 
     // Through the splice.
-    let dp2 = Arc::clone(&dp);
-    let proxy = tb
-        .px
-        .run_in(move || {
-            let l = TcpListener::bind(px_addr).expect("bind");
-            thread::spawn(move || {
-                let (c, _) = l.accept().expect("accept");
-                let s = TcpStream::connect(sv_addr).expect("connect");
-                let sp = splice(&dp2, c, s, Duration::from_secs(5))
-                    .unwrap_or_else(|r| panic!("splice refused: {}", r.error));
-                while sp.status().expect("status") != Status::Finished {
-                    thread::sleep(Duration::from_millis(20));
-                }
-                sp.teardown();
-            })
-        })
-        .expect("setns px");
+    let proxy = common::splicing_proxy(&tb, &dp, px_addr, sv_addr, None);
     let spliced = tb
         .mn
         .run_in(|| {
@@ -177,23 +161,7 @@ fn bulk_throughput_splice_vs_ip_forwarding() {
         .mn
         .run_in(|| push(TcpStream::connect(sv_addr).expect("connect sv")))
         .expect("setns mn");
-    let dp2 = Arc::clone(&dp);
-    let proxy = tb
-        .px
-        .run_in(move || {
-            let l = TcpListener::bind(px_addr).expect("bind");
-            thread::spawn(move || {
-                let (c, _) = l.accept().expect("accept");
-                let s = TcpStream::connect(sv_addr).expect("connect");
-                let sp = splice(&dp2, c, s, Duration::from_secs(5))
-                    .unwrap_or_else(|r| panic!("splice refused: {}", r.error));
-                while sp.status().expect("status") != Status::Finished {
-                    thread::sleep(Duration::from_millis(20));
-                }
-                sp.teardown();
-            })
-        })
-        .expect("setns px");
+    let proxy = common::splicing_proxy(&tb, &dp, px_addr, sv_addr, None);
     let spliced = tb
         .mn
         .run_in(|| {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use msocks_splice::{splice, Hook, Status};
+use msocks_splice::Hook;
 use msocks_testbed::Testbed;
 
 const BULK: u64 = (2 << 30) + (64 << 20);
@@ -51,27 +51,8 @@ fn a_splice_carries_more_than_2_gib() {
             })
         })
         .expect("setns sv");
-    let dp2 = Arc::clone(&dp);
-    let proxy = tb
-        .px
-        .run_in(move || {
-            let l = TcpListener::bind(px_addr).expect("bind");
-            thread::spawn(move || {
-                let (c, _) = l.accept().expect("accept");
-                let s = TcpStream::connect(sv_addr).expect("connect");
-                let sp = splice(&dp2, c, s, Duration::from_secs(5))
-                    .unwrap_or_else(|r| panic!("splice refused: {}", r.error));
-                // Until both FINs are through, or long enough for a failure to show.
-                for _ in 0..3000 {
-                    if sp.status().expect("status") == Status::Finished {
-                        break;
-                    }
-                    thread::sleep(Duration::from_millis(20));
-                }
-                sp.teardown();
-            })
-        })
-        .expect("setns px");
+    // Until both FINs are through, or long enough for a failure to show.
+    let proxy = common::splicing_proxy(&tb, &dp, px_addr, sv_addr, Some(Duration::from_secs(60)));
     let client = tb
         .mn
         .run_in(move || {
