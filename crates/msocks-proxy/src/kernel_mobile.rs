@@ -207,12 +207,15 @@ mod linux {
         }
 
         fn read(&mut self, sp: &Spliced) -> Result<(), msocks_splice::Error> {
-            let c = sp.stream_counts()?;
+            self.take(sp.stream_counts()?);
+            Ok(())
+        }
+
+        fn take(&mut self, c: StreamCounts) {
             self.down_acked.update(c.down_acked);
             self.up_acked.update(c.up_acked);
             self.down_sent.update(c.down_sent);
             self.last = c;
-            Ok(())
         }
     }
 
@@ -308,34 +311,25 @@ mod linux {
                         None => break "session table closed".to_owned(),
                     },
                     () = tokio::time::sleep(POLL) => {
-                        if let Err(e) = self.counters.read(sp) {
-                            break format!("kernel splice: {e}");
-                        }
-                        match sp.status() {
-                            Ok(Status::Finished) => {
-                                tokio::time::sleep(LINGER).await;
-                                break "closed by both ends (kernel splice)".to_owned();
-                            }
-                            Ok(Status::Active) => {
-                                if tracing::enabled!(tracing::Level::TRACE) {
-                                    if let Ok((up, down)) = sp.entries() {
-                                        tracing::trace!(session = self.client.id, up_events = up.events, down_events = down.events,
-                                            up_fin_end = up.fin_end, down_fin_end = down.fin_end, up_last_ack = up.last_ack,
-                                            down_last_ack = down.last_ack, counts = ?self.counters.last, "kernel splice state");
-                                    }
-                                }
-                                let packets = sp
-                                    .entries()
-                                    .map(|(up, down)| up.packets.wrapping_add(down.packets))
-                                    .unwrap_or(last_packets);
-                                if packets != last_packets {
-                                    last_packets = packets;
-                                    last_move = tokio::time::Instant::now();
-                                } else if !idle_timeout.is_zero() && last_move.elapsed() >= idle_timeout {
-                                    break "idle timeout (kernel splice)".to_owned();
-                                }
-                            }
+                        // One read of both entries gives the counts, the end and the activity.
+                        let (up, down) = match sp.entries() {
+                            Ok(e) => e,
                             Err(e) => break format!("kernel splice: {e}"),
+                        };
+                        self.counters.take(sp.stream_counts_of(&up, &down));
+                        if sp.status_of(&up, &down) == Status::Finished {
+                            tokio::time::sleep(LINGER).await;
+                            break "closed by both ends (kernel splice)".to_owned();
+                        }
+                        tracing::trace!(session = self.client.id, up_events = up.events, down_events = down.events,
+                            up_fin_end = up.fin_end, down_fin_end = down.fin_end, up_last_ack = up.last_ack,
+                            down_last_ack = down.last_ack, counts = ?self.counters.last, "kernel splice state");
+                        let packets = up.packets.wrapping_add(down.packets);
+                        if packets != last_packets {
+                            last_packets = packets;
+                            last_move = tokio::time::Instant::now();
+                        } else if !idle_timeout.is_zero() && last_move.elapsed() >= idle_timeout {
+                            break "idle timeout (kernel splice)".to_owned();
                         }
                     }
                 }

@@ -889,13 +889,20 @@ impl Spliced {
     /// 2 GiB per direction extends the counts to 64 bits.
     pub fn stream_counts(&self) -> Result<StreamCounts, Error> {
         let (up, down) = self.entries()?;
+        Ok(self.stream_counts_of(&up, &down))
+    }
+
+    /// [`Spliced::stream_counts`] from entries already read with [`Spliced::entries`] (one
+    /// map read for the counts, the status and the activity).
+    pub fn stream_counts_of(&self, up: &SpliceVal, down: &SpliceVal) -> StreamCounts {
+        let (up, down) = (*up, *down);
         let c_base = self.basepoints.client.snd_nxt;
         let s_base = self.basepoints.server.snd_nxt;
         // `up` carries the client's ACKs and FIN, `down` the server's.
         let (down_fin, down_fin_acked) = fin_state(&down, c_base, up.last_ack);
         let (up_fin, up_fin_acked) = fin_at(self.up_fin_end_with(&up), s_base, down.last_ack);
         let down_sent = down.seq_max.wrapping_sub(c_base);
-        Ok(StreamCounts {
+        StreamCounts {
             down_acked: up
                 .last_ack
                 .wrapping_sub(c_base)
@@ -910,7 +917,7 @@ impl Spliced {
             up_fin,
             up_fin_acked,
             down_closed: down.events & EV_FIN_ACKED != 0,
-        })
+        }
     }
 
     /// Bytes the drain copied between the sockets before the splice
@@ -1357,21 +1364,26 @@ impl Spliced {
     /// Whether the spliced connections are over.
     pub fn status(&self) -> Result<Status, Error> {
         let (a, b) = self.entries()?;
+        Ok(self.status_of(&a, &b))
+    }
+
+    /// [`Spliced::status`] from entries already read with [`Spliced::entries`].
+    pub fn status_of(&self, a: &SpliceVal, b: &SpliceVal) -> Status {
         // The client's FIN counts as acknowledged also when an earlier splice of the session
         // forwarded it and the server's ACK of it came through this one: the client's
         // repeated FIN on the new connection is then acknowledged by that ACK (mapped) and
         // never needs to cross.
         let up_done = a.events & EV_FIN_ACKED != 0
             || self
-                .up_fin_end_with(&a)
+                .up_fin_end_with(a)
                 .is_some_and(|e| !crate::mapping::seq_before(b.last_ack, e));
         let fins = up_done && b.events & EV_FIN_ACKED != 0;
         let rst = (a.events | b.events) & EV_RST != 0;
-        Ok(if fins || rst {
+        if fins || rst {
             Status::Finished
         } else {
             Status::Active
-        })
+        }
     }
 
     /// Removes the entries and closes the frozen sockets without sending
