@@ -317,8 +317,7 @@ pub(crate) async fn splice_streams(
                         }
                         if step == Drain::Waiting {
                             // An ACK from a peer has no readiness event: look again soon,
-                            // then less often (an ACK that rode on a FIN dropped in HOLD
-                            // only comes back with a retransmission).
+                            // then less often.
                             tokio::time::sleep(retry).await;
                             retry = (retry * 2).min(DRAIN_RETRY_MAX);
                         }

@@ -5,10 +5,10 @@
  * 4-tuple up in the splice table. No entry: TC_ACT_UNSPEC, the next
  * classifier on the hook (or the stack) handles it.
  * HOLD: the control plane is freezing the proxy's two sockets; no new byte
- * may enter a socket: SYN/FIN segments are dropped, data segments go up
- * without their payload (the sender retransmits it: nobody acknowledged
- * it), pure ACKs and RSTs go up unchanged, so the sockets' send queues can
- * drain. DROP: everything is dropped (a splice being moved). ACTIVE: rewrite the
+ * may enter a socket: SYN segments are dropped, data segments go up
+ * without their payload and FIN segments without their FIN flag (the sender
+ * retransmits both: nobody acknowledged them), pure ACKs and RSTs go up
+ * unchanged, so the sockets' send queues can drain. DROP: everything is dropped (a splice being moved). ACTIVE: rewrite the
  * segment into the other connection (addresses, ports, sequence and
  * acknowledgement numbers, window, timestamp and SACK options, checksums)
  * and redirect it out of the interface the FIB names, with the neighbour's
@@ -88,6 +88,24 @@ static __attribute__((noinline)) void ctl_write(__u32 slot, __u32 word)
 	__u32 *ctl = bpf_map_lookup_elem(&splice_ctl, &slot);
 	if (ctl)
 		*(volatile __u32 *)ctl = word;
+}
+
+/* Clears the FIN flag of the TCP header at l4_off, checksum kept right (for a
+ * CHECKSUM_PARTIAL packet the helper leaves the field alone, as it must).
+ * Returns 0, or -1 if the header cannot be rewritten. Not inlined, for the
+ * classifier's stack frame (see ctl_read). */
+static __attribute__((noinline)) int strip_fin(struct __sk_buff *skb, __u32 l4_off)
+{
+	/* Bytes 12-13 of the header: data offset and flags; FIN is the low bit. */
+	__u32 off = l4_off + 12;
+	__be16 old_word, new_word;
+	if (bpf_skb_load_bytes(skb, off, &old_word, 2) < 0)
+		return -1;
+	new_word = old_word & ~bpf_htons(0x0001);
+	if (bpf_l4_csum_replace(skb, l4_off + offsetof(struct tcphdr, check), old_word, new_word,
+				2) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, off, &new_word, 2, 0) < 0 ? -1 : 0;
 }
 
 /* A segment that is not ours: let the next classifier on the hook (another
@@ -490,11 +508,10 @@ int splice_ingress(struct __sk_buff *skb)
 		/* ARMED: once the client acknowledges the proxy's reply, the
 		 * moved splice starts with the next segment, both directions at
 		 * once. The acknowledging segment itself still goes up as in
-		 * HOLD (without its payload), so that the proxy's socket sees
-		 * its reply acknowledged and has nothing left to send when it is
-		 * frozen. (A FIN is dropped in HOLD, its ACK with it: it cannot
-		 * be the one that starts the splice.) */
-		if (v->state == SPLICE_ARMED && has_ack && !syn && !fin && !rst &&
+		 * HOLD (without its payload or FIN), so that the proxy's socket
+		 * sees its reply acknowledged and has nothing left to send when
+		 * it is frozen. */
+		if (v->state == SPLICE_ARMED && has_ack && !syn && !rst &&
 		    !seq_before(bpf_ntohl(th->ack_seq), v->arm_ack)) {
 			v->state = SPLICE_ACTIVE;
 			ctl_write(v->ctl_slot, 0);
@@ -502,8 +519,21 @@ int splice_ingress(struct __sk_buff *skb)
 		}
 		if (rst)
 			return TC_ACT_OK;
-		if (syn || fin)
+		if (syn)
 			return drop(v, STAT_HELD_DROP);
+		if (fin) {
+			/* A FIN may not enter the socket (its state would change
+			 * under the freeze), but the ACK it carries may be the one
+			 * the socket waits for: a client that closes right after
+			 * the reply acknowledges the reply on its FIN. The FIN
+			 * goes up as an ACK; nobody acknowledged the FIN, so its
+			 * sender sends it again, into the splice by then. */
+			if (strip_fin(skb, l4_off) < 0)
+				return drop(v, STAT_HELD_DROP);
+			stat(STAT_HELD_FIN_STRIPPED);
+			if (!payload)
+				return TC_ACT_OK;
+		}
 		if (payload) {
 			/* No new byte may enter the socket, but the ACK this
 			 * segment carries may be the one the socket's send queue

@@ -124,7 +124,8 @@ struct splice_val {
 #define STAT_RESPLICE_DROP 12 /* segments dropped while a splice was being moved */
 #define STAT_HELD_CHOPPED 13 /* data segments passed up without their payload in HOLD */
 #define STAT_ARMED_START 14 /* moved splices the datapath started on the client's ACK */
-#define STAT_MAX 15
+#define STAT_HELD_FIN_STRIPPED 15 /* FIN segments passed up as ACKs in HOLD (the FIN comes again) */
+#define STAT_MAX 16
 
 #define SPLICE_MAX_ENTRIES 65536
 

@@ -13,8 +13,8 @@ pub const FAMILY_V4: u8 = 2;
 pub const FAMILY_V6: u8 = 10;
 
 /// [`SpliceVal::state`]: freeze in progress; no payload reaches the
-/// proxy's socket (data segments go up bare, SYN and FIN are dropped), ACKs
-/// do.
+/// proxy's socket (data segments go up bare, FIN segments without their FIN
+/// flag, SYN segments are dropped), ACKs do.
 pub const STATE_HOLD: u32 = 1;
 /// [`SpliceVal::state`]: segments are rewritten and redirected.
 pub const STATE_ACTIVE: u32 = 2;
@@ -43,7 +43,7 @@ pub const EV_RST: u32 = 4;
 pub const TS_VALID: u64 = 1 << 32;
 
 /// Names of the global counters (`splice_stats`), by index.
-pub const STAT_NAMES: [&str; 15] = [
+pub const STAT_NAMES: [&str; 16] = [
     "spliced",
     "held_drop",
     "below_splice",
@@ -59,6 +59,7 @@ pub const STAT_NAMES: [&str; 15] = [
     "resplice_drop",
     "held_chopped",
     "armed_start",
+    "held_fin_stripped",
 ];
 
 /// One direction of a spliced pair: the 4-tuple of segments as they arrive

@@ -756,7 +756,7 @@ fn drain_pass(
             return Ok(Drain::Waiting);
         }
     }
-    // Quiet. A peer's FIN already in (before HOLD; HOLD drops FINs) is
+    // Quiet. A peer's FIN already in (before HOLD; HOLD keeps FINs out) is
     // passed on: the other socket's sending side is shut down, and the
     // next passes wait for that FIN's acknowledgement like any byte (the
     // send queue counts it); the direction still open is spliced. Both

@@ -139,6 +139,7 @@ struct Out {
     seq: u32,
     ack: u32,
     win: u16,
+    flags: u8,
     opts: Vec<u8>,
     payload: Vec<u8>,
 }
@@ -175,6 +176,7 @@ fn parse(f: &[u8]) -> Result<Out, String> {
         seq: u32::from_be_bytes([l4[4], l4[5], l4[6], l4[7]]),
         ack: u32::from_be_bytes([l4[8], l4[9], l4[10], l4[11]]),
         win: u16::from_be_bytes([l4[14], l4[15]]),
+        flags: l4[13],
         opts: l4[20..doff].to_vec(),
         payload: l4[doff..].to_vec(),
     })
@@ -625,18 +627,28 @@ fn fixed_verdicts(dp: &mut Datapath, n: &Net) -> Result<(), String> {
     if !o.payload.is_empty() || o.seq != base.seq || o.ack != base.ack || o.dst != base.dst {
         return Err(format!("HOLD: data: passed up as {o:?}"));
     }
-    expect(
-        "HOLD: FIN",
-        run(
-            dp,
-            &Seg {
-                flags: ACK | FIN,
-                payload: vec![],
-                ..base.clone()
-            },
-        )?,
-        TC_ACT_SHOT,
-    )?;
+    // HOLD: a FIN goes up without its FIN flag (and without its payload), so
+    // that the ACK it carries reaches the socket and the FIN does not; the
+    // sender sends the FIN again, as nobody acknowledged it.
+    for payload in [vec![], vec![1, 2, 3]] {
+        let fin = Seg {
+            flags: ACK | FIN | PSH,
+            payload: payload.clone(),
+            ..base.clone()
+        };
+        let what = format!("HOLD: FIN with {} payload bytes", payload.len());
+        let (verdict, out) = dp.test_run(&build(&fin)).map_err(|e| e.to_string())?;
+        expect(&what, verdict, TC_ACT_OK)?;
+        let o = parse(&out).map_err(|e| format!("{what}: {e}"))?;
+        if o.flags != ACK | PSH
+            || !o.payload.is_empty()
+            || o.seq != base.seq
+            || o.ack != base.ack
+            || o.dst != base.dst
+        {
+            return Err(format!("{what}: passed up as {o:?}"));
+        }
+    }
     expect(
         "HOLD: pure ACK",
         run(
@@ -648,6 +660,35 @@ fn fixed_verdicts(dp: &mut Datapath, n: &Net) -> Result<(), String> {
         )?,
         TC_ACT_OK,
     )?;
+    // ARMED (a moved splice waiting for the client's ACK of the reply): a FIN
+    // that carries that ACK starts the splice, and goes up as an ACK itself.
+    let armed = SpliceVal {
+        arm_ack: base.ack,
+        ..active(&fwd, n.px_s, n.server, &b, n.ifindex)
+    };
+    let armed = SpliceVal {
+        state: msocks_splice::maps::STATE_ARMED,
+        ..armed
+    };
+    dp.set_entry(&key, &armed).map_err(|e| e.to_string())?;
+    let fin = Seg {
+        flags: ACK | FIN,
+        payload: vec![],
+        ..base.clone()
+    };
+    let (verdict, out) = dp.test_run(&build(&fin)).map_err(|e| e.to_string())?;
+    expect("ARMED: FIN acknowledging the reply", verdict, TC_ACT_OK)?;
+    let o = parse(&out).map_err(|e| format!("ARMED: FIN: {e}"))?;
+    if o.flags != ACK || o.seq != base.seq || o.dst != base.dst {
+        return Err(format!("ARMED: FIN: passed up as {o:?}"));
+    }
+    let state = dp.entry(&key).map_err(|e| e.to_string())?.state;
+    if state != STATE_ACTIVE {
+        return Err(format!("ARMED: FIN: state {state} after, expected ACTIVE"));
+    }
+    // ACTIVE now: the FIN's retransmission crosses the splice.
+    expect("ARMED, then the FIN again", run(dp, &fin)?, TC_ACT_REDIRECT)?;
+
     // DROP (a splice being moved): nothing passes, not even a pure ACK.
     let dropping = SpliceVal {
         state: msocks_splice::maps::STATE_DROP,
