@@ -226,12 +226,15 @@ pub fn start(tb: &Testbed, peer: Peer) -> Result<PeerProc> {
         Peer::Msocks | Peer::MsocksKernel => {
             let exe = std::env::current_exe().context("locating the msocks binary")?;
             let mut c = tb.px.command(exe);
+            // warn: a line per session would cost msocks what dante's logging costs it
+            // (off here). MSOCKS_BENCH_PROXY_LOG sets another level, to look into a run.
+            let level = std::env::var("MSOCKS_BENCH_PROXY_LOG").unwrap_or_else(|_| "warn".into());
             c.args([
                 "proxy",
                 "--listen",
                 &listen.to_string(),
                 "--log-level",
-                "warn",
+                &level,
             ]);
             if peer == Peer::MsocksKernel {
                 let dir = std::env::temp_dir()

@@ -461,10 +461,11 @@ fn latency_section(md: &mut String, r: &Results, fig_dir: &Path) -> Result<()> {
 load generator). The peers are measured side by side: each repetition starts all of them, and \
 one load generator makes its round trips through them in turn (round i through every peer, \
 starting with a different one each round), so that the machine's changing load (it is shared) \
-falls on all of them alike; `msocks-kernel` runs on its own, because its eBPF program on the \
-proxy host's interfaces would also be in the other peers' path. The load generator's CPU is \
-its whole run's divided by the peers it served. \"Added\" is the median round trip minus that \
-of IP forwarding in the same run.\n",
+falls on all of them alike; `msocks-kernel` runs in a group of its own, beside IP forwarding \
+only, because its eBPF program on the proxy host's interfaces would also be in the other \
+proxies' path (the table below this one compares those two). The load generator's CPU is its \
+whole run's divided by the peers it served. \"Added\" is the median round trip minus that of \
+IP forwarding in the same runs (for `msocks-kernel`, the IP forwarding of its own group).\n",
         r.settings.rounds
     );
     let floor = r
@@ -479,6 +480,12 @@ of IP forwarding in the same run.\n",
     let mut series = Vec::new();
     for row in &r.latency {
         let med = median(row.runs.iter().map(latency::Run::median_us));
+        // Each peer against the floor measured in its own runs.
+        let floor = if row.beside_forward.is_empty() {
+            floor
+        } else {
+            median(row.beside_forward.iter().map(latency::Run::median_us))
+        };
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {} | {} | {} |",
@@ -510,6 +517,7 @@ of IP forwarding in the same run.\n",
             });
         }
     }
+    kernel_beside_forward(md, r);
     let fig = write_fig(
         fig_dir,
         "latency.svg",
@@ -532,6 +540,52 @@ suite's load generator and sink.\n"
     );
     let _ = writeln!(md, "\n![round-trip percentiles]({})\n", rel(fig_dir, &fig));
     Ok(())
+}
+
+/// The kernel engine against IP forwarding measured round by round beside it, in the same
+/// runs (the splice program attached for both).
+fn kernel_beside_forward(md: &mut String, r: &Results) {
+    let Some(row) = r
+        .latency
+        .iter()
+        .find(|row| row.peer == Peer::MsocksKernel && !row.beside_forward.is_empty())
+    else {
+        return;
+    };
+    let stat = |runs: &[latency::Run]| {
+        (
+            median(runs.iter().map(latency::Run::median_us)),
+            median(runs.iter().map(|x| x.mean_us)),
+            median(runs.iter().map(|x| x.p99_us)),
+        )
+    };
+    let (k_med, k_mean, k_p99) = stat(&row.runs);
+    let (f_med, f_mean, f_p99) = stat(&row.beside_forward);
+    let _ = writeln!(
+        md,
+        "\n`msocks-kernel` and IP forwarding in the same runs (its group: round i through one, \
+then the other; the splice program is attached to the proxy host's interfaces for both, and \
+finds no entry for the forwarded connection). Medians over the repetitions:\n"
+    );
+    let _ = writeln!(
+        md,
+        "| | ip-forward µs | msocks-kernel µs | msocks-kernel ÷ ip-forward |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|");
+    for (what, fw, k) in [
+        ("mean", f_mean, k_mean),
+        ("median", f_med, k_med),
+        ("p99", f_p99, k_p99),
+    ] {
+        let _ = writeln!(
+            md,
+            "| {what} | {} | {} | {} |",
+            f(fw, 1),
+            f(k, 1),
+            ratio(k, fw)
+        );
+    }
+    let _ = writeln!(md);
 }
 
 fn memory_section(md: &mut String, r: &Results) {

@@ -37,6 +37,9 @@ pub struct Row {
     pub peer: Peer,
     /// One per repetition.
     pub runs: Vec<Run>,
+    /// IP forwarding measured in the same runs as this peer, round by round beside it: for
+    /// `msocks-kernel` only (its group, with the splice program attached, is not the others').
+    pub beside_forward: Vec<Run>,
 }
 
 /// Runs the ping-pong for every peer, `reps` times.
@@ -45,7 +48,9 @@ pub struct Row {
 /// does its round trips through them in turn (see `worker::pingpong`), so that the machine's
 /// changing load falls on all of them alike. Except `msocks-kernel`, which is measured in a
 /// run of its own: its eBPF program on the proxy host's interfaces would otherwise also be in
-/// the path of the other peers' packets.
+/// the path of the other peers' packets. IP forwarding runs in that group too, beside it, so
+/// that the kernel engine is compared with the floor under the same load, round by round
+/// (`Row::beside_forward`).
 pub fn run(ctx: &Ctx<'_>, peers: &[Peer]) -> Result<Vec<Row>> {
     let s = ctx.settings;
     let mut rows: Vec<Row> = peers
@@ -53,6 +58,7 @@ pub fn run(ctx: &Ctx<'_>, peers: &[Peer]) -> Result<Vec<Row>> {
         .map(|&peer| Row {
             peer,
             runs: Vec::new(),
+            beside_forward: Vec::new(),
         })
         .collect();
     let together: Vec<Peer> = peers
@@ -62,7 +68,11 @@ pub fn run(ctx: &Ctx<'_>, peers: &[Peer]) -> Result<Vec<Row>> {
         .collect();
     let mut groups: Vec<Vec<Peer>> = vec![together];
     if peers.contains(&Peer::MsocksKernel) {
-        groups.push(vec![Peer::MsocksKernel]);
+        let mut kernel = vec![Peer::MsocksKernel];
+        if peers.contains(&Peer::Forward) {
+            kernel.push(Peer::Forward);
+        }
+        groups.push(kernel);
     }
     for rep in 0..s.reps {
         for group in groups.iter().filter(|g| !g.is_empty()) {
@@ -102,15 +112,25 @@ pub fn run(ctx: &Ctx<'_>, peers: &[Peer]) -> Result<Vec<Row>> {
                     // The load generator served the whole group: its share per peer.
                     load_cpu: window.load_cpu / group.len() as f64,
                 };
+                let beside_kernel = *peer == Peer::Forward && group.contains(&Peer::MsocksKernel);
                 eprintln!(
-                    "  rep {} {:>10}: mean {:7.1} µs  median {:7.1} µs  p99 {:7.1} µs",
+                    "  rep {} {:>10}{}: mean {:7.1} µs  median {:7.1} µs  p99 {:7.1} µs",
                     rep + 1,
                     peer.name(),
+                    if beside_kernel {
+                        " (beside msocks-kernel)"
+                    } else {
+                        ""
+                    },
                     run.mean_us,
                     run.median_us(),
                     run.p99_us
                 );
-                if let Some(row) = rows.iter_mut().find(|r| r.peer == *peer) {
+                if beside_kernel {
+                    if let Some(row) = rows.iter_mut().find(|r| r.peer == Peer::MsocksKernel) {
+                        row.beside_forward.push(run);
+                    }
+                } else if let Some(row) = rows.iter_mut().find(|r| r.peer == *peer) {
                     row.runs.push(run);
                 }
             }
