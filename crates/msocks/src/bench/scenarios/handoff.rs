@@ -262,7 +262,6 @@ fn serve(conn: TcpStream, stop: Arc<AtomicBool>, log: Log, epoch: Instant) -> Re
 /// Runs the record streams over `mobile` (whose server end is being served) and makes
 /// `2 * settings.moves` moves, wired → radio and back, with `do_move`.
 async fn moves_over<S, F, Fut>(
-    tb: &Testbed,
     mobile: S,
     settings: &Settings,
     stop: &Arc<AtomicBool>,
@@ -318,7 +317,7 @@ where
             .with_context(|| format!("move {} to {to:?}", i + 1))?;
         let wait = settle(to);
         tokio::time::sleep(wait).await;
-        let on_new_link = share_on(tb, to).await?;
+        let on_new_link = share_on(to).await?;
         let gap_down = longest_gap(&client_log, requested, wait)
             .context("no records reached the mobile node")?;
         let gap_up =
@@ -348,18 +347,17 @@ where
 
 /// The share of the bytes through the mobile node's interfaces (both directions) that went
 /// over `link` during the next 200 ms.
-async fn share_on(tb: &Testbed, link: Link) -> Result<f64> {
-    let sample = || -> Result<[u64; 2]> {
-        let mut out = [0u64; 2];
-        for (i, l) in Link::ALL.iter().enumerate() {
-            let st = tb.mn.link_stats(l.mn_if())?;
-            out[i] = st.rx_bytes + st.tx_bytes;
-        }
-        Ok(out)
-    };
-    let before = sample()?;
+///
+/// Called on the mobile node's runtime thread, which is in its namespace, and which also runs
+/// the record receiver: the counters are read from `/proc/thread-self/net/dev` (a file read),
+/// not with `Netns::link_stats` (a subprocess, `ip netns exec … cat`, which blocked this
+/// thread for milliseconds: the records arriving meanwhile were logged late, and the pause
+/// counted as a gap of the move before or after it, 7–10 ms radio → wired gaps that ended
+/// at the next move's request, before any RECONNECT).
+async fn share_on(link: Link) -> Result<f64> {
+    let before = link_bytes()?;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let after = sample()?;
+    let after = link_bytes()?;
     let delta: Vec<u64> = before
         .iter()
         .zip(after)
@@ -372,6 +370,37 @@ async fn share_on(tb: &Testbed, link: Link) -> Result<f64> {
     } else {
         delta[i] as f64 / total as f64
     })
+}
+
+/// Bytes received plus sent by each of the mobile node's interfaces (in [`Link::ALL`]
+/// order), from `/proc/thread-self/net/dev` of the calling thread's namespace.
+fn link_bytes() -> Result<[u64; 2]> {
+    let text = std::fs::read_to_string("/proc/thread-self/net/dev")
+        .context("reading /proc/thread-self/net/dev")?;
+    let mut out = [0u64; 2];
+    for (i, l) in Link::ALL.iter().enumerate() {
+        let line = text
+            .lines()
+            .find_map(|line| {
+                let (name, rest) = line.split_once(':')?;
+                (name.trim() == l.mn_if()).then_some(rest)
+            })
+            .with_context(|| format!("no {} in /proc/thread-self/net/dev", l.mn_if()))?;
+        // Receive: bytes packets errs drop fifo frame compressed multicast; then transmit.
+        let fields: Vec<u64> = line
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("parsing the {} line of /proc/net/dev", l.mn_if()))?;
+        ensure!(
+            fields.len() >= 9,
+            "the {} line of /proc/net/dev has {} fields",
+            l.mn_if(),
+            fields.len()
+        );
+        out[i] = fields[0] + fields[8];
+    }
+    Ok(out)
 }
 
 /// Accepts one connection on `listener` and serves it on threads. The listener stays open
@@ -447,7 +476,7 @@ fn msocks_moves(
             .await
             .context("opening the mobile stream")?;
         let control = stream.control();
-        moves_over(tb, stream, settings, &stop, &server_log, settle, |to| {
+        moves_over(stream, settings, &stop, &server_log, settle, |to| {
             let control = control.clone();
             let p = path(to);
             async move { msocks_move(&control, how, p).await }
@@ -610,7 +639,7 @@ fn mptcp_moves(
         }
         std_stream.set_nonblocking(true)?;
         let stream = tokio::net::TcpStream::from_std(std_stream)?;
-        moves_over(tb, stream, settings, &stop, &server_log, settle, |to| {
+        moves_over(stream, settings, &stop, &server_log, settle, |to| {
             let from = if to == Link::Wired {
                 Link::Radio
             } else {
