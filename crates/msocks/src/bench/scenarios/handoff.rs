@@ -138,8 +138,9 @@ pub fn run(settings: &Settings) -> Result<HandoffResult> {
     };
     let mut methods = Vec::new();
 
-    // First without the agent's host routes (the kernel's initial windows of 10 segments),
-    // for comparison; then with them, as `msocks agent` runs.
+    // First without the host routes (the kernel's initial windows of 10 segments), for
+    // comparison; then with them on both sides, as `msocks agent` installs them on the
+    // mobile node and docs/CONFIG.md asks of the proxy host.
     let proxy = crate::testbed_proxy::start(&tb)?;
     let warm = msocks_moves(&tb, settings, MsocksMove::Warm, &settle, 0);
     drop(proxy);
@@ -436,14 +437,21 @@ fn in_mn<T: Send>(
 
 /// Installs on the mobile node the host routes to the proxy's addresses that `msocks agent`
 /// installs (`msocks_agent::routes`), with their larger initial congestion and receive
-/// windows.
+/// windows, and on the proxy host the same windows on its routes to the mobile node's
+/// addresses (docs/CONFIG.md, "Routes of the proxy host"): the proxy's side of the
+/// connection a stream moves to is as fresh (or idle) as the mobile node's, and its first
+/// round trip carries the records down.
 fn install_host_routes(tb: &Testbed) -> Result<()> {
     for link in Link::ALL {
-        let args = msocks_agent::routes::host_route_args(tb.px_ip(link).into(), None, link.mn_if());
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        tb.mn
-            .ip(&args)
-            .with_context(|| format!("ip {}", args.join(" ")))?;
+        for (ns, to, dev) in [
+            (&tb.mn, tb.px_ip(link), link.mn_if()),
+            (&tb.px, tb.mn_ip(link), link.px_if()),
+        ] {
+            let args = msocks_agent::routes::host_route_args(to.into(), None, dev);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            ns.ip(&args)
+                .with_context(|| format!("ip {}", args.join(" ")))?;
+        }
     }
     Ok(())
 }
