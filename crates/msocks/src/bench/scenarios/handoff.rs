@@ -378,6 +378,11 @@ async fn share_on(link: Link) -> Result<f64> {
 fn link_bytes() -> Result<[u64; 2]> {
     let text = std::fs::read_to_string("/proc/thread-self/net/dev")
         .context("reading /proc/thread-self/net/dev")?;
+    link_bytes_in(&text)
+}
+
+/// [`link_bytes`] from the text of a `/proc/net/dev`.
+fn link_bytes_in(text: &str) -> Result<[u64; 2]> {
     let mut out = [0u64; 2];
     for (i, l) in Link::ALL.iter().enumerate() {
         let line = text
@@ -700,4 +705,36 @@ pub fn summary(res: &HandoffResult, moves: &[Move], to: Link) -> Option<(f64, f6
     let down = median(m.iter().map(|x| x.gap_down.as_secs_f64()));
     let up = median(m.iter().map(|x| x.gap_up.as_secs_f64()));
     Some((down * 1e3, down / rtt, up * 1e3, up / rtt))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_bytes_add_received_and_sent_per_interface() {
+        let text = "\
+Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo:     100       1    0    0    0     0          0         0      100       1    0    0    0     0       0          0
+ radio0: 5000      40    0    0    0     0          0         0     7000      50    0    0    0     0       0          0
+wired0: 1234567890123 9 0 0 0 0 0 0 10 2 0 0 0 0 0 0
+";
+        let got = link_bytes_in(text).unwrap();
+        let want = |l: Link| {
+            if l == Link::Wired {
+                1_234_567_890_133
+            } else {
+                12_000
+            }
+        };
+        assert_eq!(got, [want(Link::ALL[0]), want(Link::ALL[1])]);
+    }
+
+    #[test]
+    fn link_bytes_need_both_interfaces_and_whole_lines() {
+        assert!(link_bytes_in("wired0: 1 0 0 0 0 0 0 0 2 0 0 0 0 0 0 0\n").is_err());
+        assert!(link_bytes_in("wired0: 1 2 3\nradio0: 1 2 3\n").is_err());
+        assert!(link_bytes_in("wired0: x 0 0 0 0 0 0 0 2\nradio0: 1 0 0 0 0 0 0 0 2\n").is_err());
+    }
 }
