@@ -753,12 +753,14 @@ PROTOCOL.md 3.7.1).\n"
         md,
         "Initial windows: the MSOCKS cold and warm rows run with the host routes to the proxy's \
 addresses that `msocks agent` installs on the mobile node (`msocks_agent::routes`: `initcwnd \
-{w} initrwnd {w}`). The first row runs without them, with the kernel's initial congestion \
-window of 10 segments: the connection the stream moves to is fresh or, for a standby \
-connection, idle (which restarts its window), every 16-byte record is a segment of its own \
-(TCP_NODELAY), and after 10 of them the sender waits about one round trip of the new link for \
-the first acknowledgments. MPTCP's subflows go to the server, not to the proxy's addresses, \
-so the routes do not change them.\n",
+{w} initrwnd {w}`), and with the same windows on the proxy host's routes to the mobile node's \
+addresses (docs/CONFIG.md, \"Routes of the proxy host\"). The first row runs without either, \
+with the kernel's initial congestion window of 10 segments: the connection the stream moves \
+to is fresh or, for a standby connection, idle (which restarts its window), every 16-byte \
+record is a segment of its own (TCP_NODELAY) in both directions, and after 10 of them a sender \
+(the mobile node up, the proxy down) waits about one round trip of the new link for the first \
+acknowledgments. MPTCP's subflows go to the server, not to the proxy's addresses, so the \
+routes do not change them.\n",
         w = msocks_agent::routes::INIT_WINDOW
     );
 }

@@ -138,8 +138,9 @@ pub fn run(settings: &Settings) -> Result<HandoffResult> {
     };
     let mut methods = Vec::new();
 
-    // First without the agent's host routes (the kernel's initial windows of 10 segments),
-    // for comparison; then with them, as `msocks agent` runs.
+    // First without the host routes (the kernel's initial windows of 10 segments), for
+    // comparison; then with them on both sides, as `msocks agent` installs them on the
+    // mobile node and docs/CONFIG.md asks of the proxy host.
     let proxy = crate::testbed_proxy::start(&tb)?;
     let warm = msocks_moves(&tb, settings, MsocksMove::Warm, &settle, 0);
     drop(proxy);
@@ -262,7 +263,6 @@ fn serve(conn: TcpStream, stop: Arc<AtomicBool>, log: Log, epoch: Instant) -> Re
 /// Runs the record streams over `mobile` (whose server end is being served) and makes
 /// `2 * settings.moves` moves, wired → radio and back, with `do_move`.
 async fn moves_over<S, F, Fut>(
-    tb: &Testbed,
     mobile: S,
     settings: &Settings,
     stop: &Arc<AtomicBool>,
@@ -318,7 +318,7 @@ where
             .with_context(|| format!("move {} to {to:?}", i + 1))?;
         let wait = settle(to);
         tokio::time::sleep(wait).await;
-        let on_new_link = share_on(tb, to).await?;
+        let on_new_link = share_on(to).await?;
         let gap_down = longest_gap(&client_log, requested, wait)
             .context("no records reached the mobile node")?;
         let gap_up =
@@ -348,18 +348,17 @@ where
 
 /// The share of the bytes through the mobile node's interfaces (both directions) that went
 /// over `link` during the next 200 ms.
-async fn share_on(tb: &Testbed, link: Link) -> Result<f64> {
-    let sample = || -> Result<[u64; 2]> {
-        let mut out = [0u64; 2];
-        for (i, l) in Link::ALL.iter().enumerate() {
-            let st = tb.mn.link_stats(l.mn_if())?;
-            out[i] = st.rx_bytes + st.tx_bytes;
-        }
-        Ok(out)
-    };
-    let before = sample()?;
+///
+/// Called on the mobile node's runtime thread, which is in its namespace, and which also runs
+/// the record receiver: the counters are read from `/proc/thread-self/net/dev` (a file read),
+/// not with `Netns::link_stats` (a subprocess, `ip netns exec … cat`, which blocked this
+/// thread for milliseconds: the records arriving meanwhile were logged late, and the pause
+/// counted as a gap of the move before or after it, 7–10 ms radio → wired gaps that ended
+/// at the next move's request, before any RECONNECT).
+async fn share_on(link: Link) -> Result<f64> {
+    let before = link_bytes()?;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let after = sample()?;
+    let after = link_bytes()?;
     let delta: Vec<u64> = before
         .iter()
         .zip(after)
@@ -372,6 +371,42 @@ async fn share_on(tb: &Testbed, link: Link) -> Result<f64> {
     } else {
         delta[i] as f64 / total as f64
     })
+}
+
+/// Bytes received plus sent by each of the mobile node's interfaces (in [`Link::ALL`]
+/// order), from `/proc/thread-self/net/dev` of the calling thread's namespace.
+fn link_bytes() -> Result<[u64; 2]> {
+    let text = std::fs::read_to_string("/proc/thread-self/net/dev")
+        .context("reading /proc/thread-self/net/dev")?;
+    link_bytes_in(&text)
+}
+
+/// [`link_bytes`] from the text of a `/proc/net/dev`.
+fn link_bytes_in(text: &str) -> Result<[u64; 2]> {
+    let mut out = [0u64; 2];
+    for (i, l) in Link::ALL.iter().enumerate() {
+        let line = text
+            .lines()
+            .find_map(|line| {
+                let (name, rest) = line.split_once(':')?;
+                (name.trim() == l.mn_if()).then_some(rest)
+            })
+            .with_context(|| format!("no {} in /proc/thread-self/net/dev", l.mn_if()))?;
+        // Receive: bytes packets errs drop fifo frame compressed multicast; then transmit.
+        let fields: Vec<u64> = line
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("parsing the {} line of /proc/net/dev", l.mn_if()))?;
+        ensure!(
+            fields.len() >= 9,
+            "the {} line of /proc/net/dev has {} fields",
+            l.mn_if(),
+            fields.len()
+        );
+        out[i] = fields[0] + fields[8];
+    }
+    Ok(out)
 }
 
 /// Accepts one connection on `listener` and serves it on threads. The listener stays open
@@ -407,14 +442,21 @@ fn in_mn<T: Send>(
 
 /// Installs on the mobile node the host routes to the proxy's addresses that `msocks agent`
 /// installs (`msocks_agent::routes`), with their larger initial congestion and receive
-/// windows.
+/// windows, and on the proxy host the same windows on its routes to the mobile node's
+/// addresses (docs/CONFIG.md, "Routes of the proxy host"): the proxy's side of the
+/// connection a stream moves to is as fresh (or idle) as the mobile node's, and its first
+/// round trip carries the records down.
 fn install_host_routes(tb: &Testbed) -> Result<()> {
     for link in Link::ALL {
-        let args = msocks_agent::routes::host_route_args(tb.px_ip(link).into(), None, link.mn_if());
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        tb.mn
-            .ip(&args)
-            .with_context(|| format!("ip {}", args.join(" ")))?;
+        for (ns, to, dev) in [
+            (&tb.mn, tb.px_ip(link), link.mn_if()),
+            (&tb.px, tb.mn_ip(link), link.px_if()),
+        ] {
+            let args = msocks_agent::routes::host_route_args(to.into(), None, dev);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            ns.ip(&args)
+                .with_context(|| format!("ip {}", args.join(" ")))?;
+        }
     }
     Ok(())
 }
@@ -447,7 +489,7 @@ fn msocks_moves(
             .await
             .context("opening the mobile stream")?;
         let control = stream.control();
-        moves_over(tb, stream, settings, &stop, &server_log, settle, |to| {
+        moves_over(stream, settings, &stop, &server_log, settle, |to| {
             let control = control.clone();
             let p = path(to);
             async move { msocks_move(&control, how, p).await }
@@ -610,7 +652,7 @@ fn mptcp_moves(
         }
         std_stream.set_nonblocking(true)?;
         let stream = tokio::net::TcpStream::from_std(std_stream)?;
-        moves_over(tb, stream, settings, &stop, &server_log, settle, |to| {
+        moves_over(stream, settings, &stop, &server_log, settle, |to| {
             let from = if to == Link::Wired {
                 Link::Radio
             } else {
@@ -663,4 +705,36 @@ pub fn summary(res: &HandoffResult, moves: &[Move], to: Link) -> Option<(f64, f6
     let down = median(m.iter().map(|x| x.gap_down.as_secs_f64()));
     let up = median(m.iter().map(|x| x.gap_up.as_secs_f64()));
     Some((down * 1e3, down / rtt, up * 1e3, up / rtt))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_bytes_add_received_and_sent_per_interface() {
+        let text = "\
+Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo:     100       1    0    0    0     0          0         0      100       1    0    0    0     0       0          0
+ radio0: 5000      40    0    0    0     0          0         0     7000      50    0    0    0     0       0          0
+wired0: 1234567890123 9 0 0 0 0 0 0 10 2 0 0 0 0 0 0
+";
+        let got = link_bytes_in(text).unwrap();
+        let want = |l: Link| {
+            if l == Link::Wired {
+                1_234_567_890_133
+            } else {
+                12_000
+            }
+        };
+        assert_eq!(got, [want(Link::ALL[0]), want(Link::ALL[1])]);
+    }
+
+    #[test]
+    fn link_bytes_need_both_interfaces_and_whole_lines() {
+        assert!(link_bytes_in("wired0: 1 0 0 0 0 0 0 0 2 0 0 0 0 0 0 0\n").is_err());
+        assert!(link_bytes_in("wired0: 1 2 3\nradio0: 1 2 3\n").is_err());
+        assert!(link_bytes_in("wired0: x 0 0 0 0 0 0 0 2\nradio0: 1 0 0 0 0 0 0 0 2\n").is_err());
+    }
 }
