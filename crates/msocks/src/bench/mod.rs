@@ -65,6 +65,12 @@ pub struct BenchArgs {
     /// Sessions held open by the memory scenario.
     #[arg(long, default_value_t = 1000, value_name = "N")]
     pub idle_sessions: usize,
+    /// Writer threads of the throughput scenario's load generator (at most one per
+    /// connection); default: one per CPU. Through IP forwarding and the kernel engine the
+    /// packets' whole path is processed on the sending CPU, so one thread would confine them
+    /// to one core.
+    #[arg(long, value_name = "N")]
+    pub load_threads: Option<usize>,
     /// Print the report to standard output instead of writing --out (plots are still written
     /// beside --out).
     #[arg(long)]
@@ -141,6 +147,8 @@ pub struct Settings {
     pub idle_sessions: usize,
     /// Moves each way in the hand-off scenario.
     pub moves: usize,
+    /// Writer threads of the throughput scenario's load generator.
+    pub load_threads: usize,
 }
 
 impl Settings {
@@ -171,6 +179,11 @@ impl Settings {
             setup_concurrency: 16,
             idle_sessions: args.idle_sessions.max(1),
             moves: if args.quick { 4 } else { 15 },
+            load_threads: match args.load_threads {
+                Some(0) => bail!("--load-threads must be at least 1"),
+                Some(n) => n,
+                None => std::thread::available_parallelism().map_or(1, usize::from),
+            },
         })
     }
 }

@@ -260,8 +260,8 @@ the SOCKS exchange forwards each session's segments at tc ingress without the pr
         md,
         "Set-up: the testbed of `msocks-testbed` (three network namespaces: mobile node `mn`, \
 proxy host `px`, server `sv`, veth links, no added delay except in the hand-off scenario). \
-The load generator (`msocks bench-worker load`, one thread) runs in `mn`; the sink (a \
-discard and an echo server, one thread) in `sv`. Both are separate processes, so their CPU \
+The load generator (`msocks bench-worker load`) runs in `mn`; the sink (a discard and an \
+echo server, one thread, accept queues of 4096) in `sv`. Both are separate processes, so their CPU \
 use is reported beside the proxy's (from `getrusage` and `/proc/PID/stat`; the proxy's \
 summed over its process tree). IP forwarding has no process: its CPU cost is kernel time \
 charged to nobody, shown as –.\n"
@@ -320,7 +320,12 @@ fn throughput_section(md: &mut String, r: &Results, fig_dir: &Path) -> Result<()
         md,
         "Each connection writes 64 KiB blocks as fast as it can, from the mobile node through the \
 peer to the discard server; throughput is what the load generator wrote during the window \
-(GB = 10⁹ bytes). Connections are opened (64 at a time) before the warm-up.\n"
+(GB = 10⁹ bytes). Connections are opened (64 at a time) before the warm-up. The load \
+generator writes with {} thread(s) (`--load-threads`; at most one per connection): through IP \
+forwarding and the kernel engine the packets' whole path across the testbed is processed by \
+the kernel on the sending CPU, charged to the load generator, so one thread would confine \
+those peers to one core.\n",
+        r.settings.load_threads
     );
     let series: Vec<Series> = r
         .peers
@@ -655,11 +660,12 @@ Sessions per second completed during the window.\n",
     }
     let _ = writeln!(
         md,
-        "\nCaveat on the ip-forward row: while this suite was written, its rate varied from about \
-450 to 26 000 sessions/s between runs: 24 600–26 200/s when the set-up scenario ran alone, much \
-less after the other peers' set-up windows, with its load generator idle (waiting, not \
-CPU-bound). The cause is not found yet, so the ÷ ip-forward column of this table is not \
-reliable; the proxies' rows are."
+        "\nEarlier versions of this suite saw rates collapse at random, to a few hundred sessions \
+a second with every process idle, most often through IP forwarding (the fastest, so the \
+sink's accept queue mattered most there): the sink listened with a backlog of 128, which \
+overflowed whenever its thread was off the CPU for a few milliseconds; the kernel then \
+dropped SYNs (`ListenOverflows` in the server namespace), and each dropped SYN stalled a \
+loop for the 1 s of its retransmission timer. The sink now listens with 4096."
     );
     let _ = writeln!(
         md,

@@ -77,6 +77,9 @@ pub struct LoadArgs {
     /// Round trips measured by `pingpong`.
     #[arg(long, default_value_t = 5000)]
     rounds: usize,
+    /// Threads writing `bulk`'s connections (each its own event loop, with a share of them).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
 }
 
 /// Sessions opened at once while setting up many connections: more would only overflow the
@@ -313,24 +316,40 @@ async fn open_many(via: Via, target: SocketAddr, n: usize) -> Result<Vec<tokio::
 
 async fn bulk(via: Via, args: &LoadArgs) -> Result<()> {
     ensure!(args.conns > 0, "--conns must be at least 1");
+    ensure!(args.threads > 0, "--threads must be at least 1");
     let conns = open_many(via, args.target, args.conns).await?;
     say("READY");
     let sent = Arc::new(AtomicU64::new(0));
-    for s in conns {
+    // Connection i is written by thread i mod threads. Thread 0 is this one; the others get
+    // their sockets out of this runtime and into their own.
+    let threads = args.threads.min(conns.len());
+    let mut shares: Vec<Vec<std::net::TcpStream>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, s) in conns.into_iter().enumerate() {
+        if i % threads == 0 {
+            tokio::spawn(write_forever(s, sent.clone()));
+        } else {
+            shares[i % threads].push(s.into_std().context("moving a connection")?);
+        }
+    }
+    for share in shares.into_iter().skip(1) {
         let sent = sent.clone();
-        tokio::spawn(async move {
-            loop {
-                if s.writable().await.is_err() {
-                    return;
-                }
-                match s.try_write(&ZEROS) {
-                    Ok(n) => {
-                        sent.fetch_add(n as u64, Ordering::Relaxed);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .context("starting a writer thread's event loop")?;
+        std::thread::spawn(move || {
+            rt.block_on(async move {
+                for s in share {
+                    match tokio::net::TcpStream::from_std(s) {
+                        Ok(s) => {
+                            tokio::spawn(write_forever(s, sent.clone()));
+                        }
+                        Err(e) => eprintln!("  load generator: a connection lost: {e}"),
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => return,
                 }
-            }
+                // The process exits at the end of the window.
+                std::future::pending::<()>().await
+            })
         });
     }
     tokio::time::sleep(args.warmup).await;
@@ -352,6 +371,22 @@ async fn bulk(via: Via, args: &LoadArgs) -> Result<()> {
     ));
     // The connections are simply dropped with the process.
     std::process::exit(0)
+}
+
+/// Writes 64 KiB blocks into `s` as fast as it takes them, counting what it took.
+async fn write_forever(s: tokio::net::TcpStream, sent: Arc<AtomicU64>) {
+    loop {
+        if s.writable().await.is_err() {
+            return;
+        }
+        match s.try_write(&ZEROS) {
+            Ok(n) => {
+                sent.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
 }
 
 async fn setup(via: Via, args: &LoadArgs) -> Result<()> {
@@ -614,7 +649,17 @@ pub fn load_args(
         humantime::format_duration(duration).to_string(),
         "--rounds".into(),
         rounds.to_string(),
+        "--threads".into(),
+        "1".into(),
     ]
+}
+
+/// `args` (from [`load_args`]) with `threads` writer threads (bulk only).
+pub fn with_threads(mut args: Vec<String>, threads: usize) -> Vec<String> {
+    if let Some(i) = args.iter().position(|a| a == "--threads") {
+        args[i + 1] = threads.max(1).to_string();
+    }
+    args
 }
 
 /// Arguments of the sink worker.

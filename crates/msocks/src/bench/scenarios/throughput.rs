@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 
 use crate::bench::peers::{self, Peer};
-use crate::bench::worker::{load_args, Mode};
+use crate::bench::worker::{load_args, with_threads, Mode};
 use crate::bench::{attempt, measure, Ctx, Window};
 
 /// One measured window.
@@ -59,14 +59,17 @@ pub fn run(ctx: &Ctx<'_>, peers: &[Peer]) -> Result<Vec<Row>> {
             let what = format!("{} with {} connections", row.peer.name(), row.conns);
             let Some((result, window)) = attempt(&what, || {
                 let proc_ = peers::start(ctx.tb, row.peer)?;
-                let args = load_args(
-                    Mode::Bulk,
-                    proc_.via(),
-                    ctx.discard,
-                    row.conns,
-                    s.warmup,
-                    s.window,
-                    0,
+                let args = with_threads(
+                    load_args(
+                        Mode::Bulk,
+                        proc_.via(),
+                        ctx.discard,
+                        row.conns,
+                        s.warmup,
+                        s.window,
+                        0,
+                    ),
+                    s.load_threads,
                 );
                 measure(ctx, &proc_, &args, Duration::from_secs(60))
             }) else {
