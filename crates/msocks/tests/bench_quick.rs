@@ -1,5 +1,5 @@
-//! `msocks bench` on a tiny scale, as CI can afford it: msocks against IP forwarding, one
-//! repetition, small connection counts. It must exit 0, write a report whose tables hold
+//! `msocks bench` on a tiny scale, as CI can afford it: msocks (both engines) against IP
+//! forwarding, one repetition, small connection counts. It must exit 0, write a report whose tables hold
 //! plausible measured numbers, and write well-formed SVG figures beside it.
 
 use std::process::Command;
@@ -60,7 +60,7 @@ fn bench_quick_writes_a_sane_report() {
             "--scenarios",
             "throughput,latency,memory,setup",
             "--peers",
-            "ip-forward,msocks",
+            "ip-forward,msocks,msocks-kernel",
         ])
         .arg("--out")
         .arg(&out)
@@ -85,6 +85,21 @@ fn bench_quick_writes_a_sane_report() {
         median > 1.0 && median <= p99 && mean > 1.0,
         "latency row {lat:?}"
     );
+    // The kernel engine against IP forwarding measured beside it, in the same runs.
+    let beside = row(
+        &report,
+        "`msocks-kernel` and IP forwarding in the same runs",
+        "median",
+    );
+    let (fwd, kernel) = (num(beside[1]), num(beside[2]));
+    assert!(
+        fwd > 1.0 && kernel > 1.0,
+        "kernel beside ip-forward {beside:?}"
+    );
+    for conns in ["1", "4"] {
+        let r = row(&report, "## Throughput", conns);
+        assert!(num(r[3]) > 0.001, "kernel throughput row {r:?}");
+    }
     let mem = row(&report, "## Memory per idle session", "msocks");
     assert!(
         num(mem[1]) >= 0.0 && num(mem[3]) > 0.5,
