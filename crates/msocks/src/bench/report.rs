@@ -321,10 +321,13 @@ fn throughput_section(md: &mut String, r: &Results, fig_dir: &Path) -> Result<()
         "Each connection writes 64 KiB blocks as fast as it can, from the mobile node through the \
 peer to the discard server; throughput is what the load generator wrote during the window \
 (GB = 10⁹ bytes). Connections are opened (64 at a time) before the warm-up. The load \
-generator writes with {} thread(s) (`--load-threads`; at most one per connection): through IP \
-forwarding and the kernel engine the packets' whole path across the testbed is processed by \
-the kernel on the sending CPU, charged to the load generator, so one thread would confine \
-those peers to one core.\n",
+generator writes with {} thread(s) (`--load-threads`). Through IP forwarding and the kernel \
+engine the packets' whole path across the testbed is kernel work done on the sending CPU and \
+charged to the load generator, which therefore shows about one core in those rows: there the \
+sending thread is the limit, for both alike. A second writing thread did not lift it on 2 \
+CPUs: in four alternating runs (2026-11-25, `--scenarios throughput --conns 1,64,1024`), two \
+threads at 1024 connections gave 1.78 and 0.29 GB/s through the kernel engine against 2.78 and \
+2.76 with one, and less for msocks too.\n",
         r.settings.load_threads
     );
     let series: Vec<Series> = r
