@@ -41,10 +41,23 @@ const DRAIN_RETRY: Duration = Duration::from_millis(1);
 /// Longest wait between two looks at the queues in the drain.
 #[cfg(target_os = "linux")]
 const DRAIN_RETRY_MAX: Duration = Duration::from_millis(32);
-/// How long a finished splice's entries stay, so a retransmitted last FIN or ACK is still
-/// rewritten rather than answered with a RST by the proxy's own stack.
+/// The interval between checks of a splice that has seen a FIN, for [`CLOSING_WATCH`] after
+/// the first: its end is likely near, and a session that ends is seen to end (and gives back
+/// its two descriptors) within this, not up to a doubled interval later.
 #[cfg(target_os = "linux")]
-const LINGER: Duration = Duration::from_secs(2);
+const POLL_CLOSING: Duration = Duration::from_millis(10);
+/// How long after its first FIN a splice is checked every [`POLL_CLOSING`]; then the
+/// intervals double again (a half-closed session can stream on for hours).
+#[cfg(target_os = "linux")]
+const CLOSING_WATCH: Duration = Duration::from_secs(1);
+/// How long a finished splice's entries stay, so a retransmitted last FIN or ACK is still
+/// rewritten rather than answered with a RST by the proxy's own stack: a peer that missed the
+/// last ACK sends its FIN again after one retransmission timeout (at least 200 ms on Linux).
+/// The two frozen sockets stay as long (they keep the ports, which a new connection must not
+/// take while the entries are there), so this bounds the descriptors a stream of short
+/// sessions holds: with 2 s, the set-up benchmark's sessions ran a 20,000-descriptor limit out.
+#[cfg(target_os = "linux")]
+const LINGER: Duration = Duration::from_secs(1);
 
 /// The MSS a listener at an IPv6 (`ipv6`) or IPv4 address announces under `engine`: none
 /// for the relay engine, an engine that could not load, or `mss = 0`, else `mss`, else the smallest MTU of the attached
@@ -400,6 +413,7 @@ async fn spliced(
     let mut last_packets = 0u64;
     let mut last_move = tokio::time::Instant::now();
     let mut poll = POLL_FIRST;
+    let mut closing_since: Option<tokio::time::Instant> = None;
     let (end, finished) = loop {
         tokio::select! {
             () = shared.abort.cancelled() => break ("shut down".to_owned(), false),
@@ -410,8 +424,16 @@ async fn spliced(
                 }
                 Ok((up, down)) => {
                     // Short sessions are seen to end soon; a long one costs a map read
-                    // per POLL_MAX at most.
-                    poll = (poll * 2).min(POLL_MAX);
+                    // per POLL_MAX at most, and one that is closing is watched closely
+                    // for a while.
+                    use msocks_splice::maps::{EV_FIN, EV_FIN_ACKED};
+                    if closing_since.is_none() && (up.events | down.events) & (EV_FIN | EV_FIN_ACKED) != 0 {
+                        closing_since = Some(tokio::time::Instant::now());
+                    }
+                    poll = match closing_since {
+                        Some(t) if t.elapsed() < CLOSING_WATCH => POLL_CLOSING,
+                        _ => (poll * 2).min(POLL_MAX),
+                    };
                     let packets = up.packets.wrapping_add(down.packets);
                     if packets != last_packets {
                         last_packets = packets;
