@@ -22,7 +22,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::thread;
 use std::time::Duration;
 
-use msocks_proxy::config::{EngineConfig, EngineKind};
+use msocks_proxy::config::EngineKind;
 use msocks_proxy::ProxyConfig;
 use msocks_testbed::{Link, Testbed, SV_IF_ON_PX};
 use sha2::{Digest, Sha256};
@@ -116,14 +116,7 @@ fn kernel_engine_splices_a_connect_session() {
     let sv_addr = SocketAddr::new(tb.sv_ip.into(), 7001);
 
     // The proxy, on its own runtime in px, until `stop` fires.
-    let config = ProxyConfig {
-        listen: vec![px_addr],
-        engine: EngineConfig {
-            kind: EngineKind::Kernel,
-            ..EngineConfig::default()
-        },
-        ..ProxyConfig::default()
-    };
+    let config = support::kernel_config(px_addr);
     let proxy = ProxyInNamespace::start(&tb.px, config);
 
     let server = tb

@@ -16,8 +16,6 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::thread;
 use std::time::Duration;
 
-use msocks_proxy::config::{EngineConfig, EngineKind};
-use msocks_proxy::ProxyConfig;
 use msocks_testbed::Testbed;
 use support::{LogBuffer, ProxyInNamespace};
 
@@ -36,15 +34,8 @@ fn an_engine_that_cannot_load_leaves_sessions_on_the_relay() {
     let px_addr = SocketAddr::new(tb.px_wired_ip.into(), 1080);
     let sv_addr = SocketAddr::new(tb.sv_ip.into(), 7002);
 
-    let config = ProxyConfig {
-        listen: vec![px_addr],
-        engine: EngineConfig {
-            kind: EngineKind::Kernel,
-            interfaces: vec!["nosuchif0".to_owned()],
-            ..EngineConfig::default()
-        },
-        ..ProxyConfig::default()
-    };
+    let mut config = support::kernel_config(px_addr);
+    config.engine.interfaces = vec!["nosuchif0".to_owned()];
     let proxy = ProxyInNamespace::start(&tb.px, config);
 
     let echo = tb

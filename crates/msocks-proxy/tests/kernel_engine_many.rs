@@ -18,8 +18,6 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use msocks_proxy::config::{EngineConfig, EngineKind};
-use msocks_proxy::ProxyConfig;
 use msocks_testbed::Testbed;
 use support::{LogBuffer, ProxyInNamespace};
 
@@ -52,14 +50,7 @@ fn many_concurrent_short_sessions_are_all_spliced() {
     let tb = Testbed::mobile_proxy_server().expect("testbed");
     let px_addr = SocketAddr::new(tb.px_wired_ip.into(), 1080);
     let sv_addr = SocketAddr::new(tb.sv_ip.into(), 7005);
-    let config = ProxyConfig {
-        listen: vec![px_addr],
-        engine: EngineConfig {
-            kind: EngineKind::Kernel,
-            ..EngineConfig::default()
-        },
-        ..ProxyConfig::default()
-    };
+    let config = support::kernel_config(px_addr);
     let proxy = ProxyInNamespace::start(&tb.px, config);
 
     let echo = tb

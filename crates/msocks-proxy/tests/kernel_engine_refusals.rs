@@ -23,8 +23,6 @@ use msocks_proto::{
     ReconnectRequest, Reply, ReplyCode, ReplyContext, ReplyExtension, Request, ResumeCounters,
     SessionToken, TargetAddr,
 };
-use msocks_proxy::config::{EngineConfig, EngineKind};
-use msocks_proxy::ProxyConfig;
 use msocks_testbed::Testbed;
 use support::{LogBuffer, ProxyInNamespace};
 
@@ -133,14 +131,7 @@ fn kernel_engine_refuses_bad_reconnects_and_the_spliced_session_survives() {
     let tb = Testbed::mobile_proxy_server().expect("testbed");
     let px_addr = SocketAddr::new(tb.px_wired_ip.into(), 1080);
     let sv_addr = SocketAddr::new(tb.sv_ip.into(), 7002);
-    let config = ProxyConfig {
-        listen: vec![px_addr],
-        engine: EngineConfig {
-            kind: EngineKind::Kernel,
-            ..EngineConfig::default()
-        },
-        ..ProxyConfig::default()
-    };
+    let config = support::kernel_config(px_addr);
     let proxy = ProxyInNamespace::start(&tb.px, config);
 
     // An echo server for one connection at a time, until the test ends.

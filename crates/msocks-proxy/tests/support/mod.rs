@@ -8,8 +8,23 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
+use msocks_proxy::config::{EngineConfig, EngineKind};
 use msocks_proxy::{Proxy, ProxyConfig};
 use msocks_testbed::Netns;
+
+/// A proxy's configuration with the kernel engine, listening on `listen` only, defaults
+/// otherwise.
+#[allow(dead_code)] // not every test file that includes this module starts such a proxy
+pub fn kernel_config(listen: SocketAddr) -> ProxyConfig {
+    ProxyConfig {
+        listen: vec![listen],
+        engine: EngineConfig {
+            kind: EngineKind::Kernel,
+            ..EngineConfig::default()
+        },
+        ..ProxyConfig::default()
+    }
+}
 
 /// The process's `tracing` output, kept in memory.
 #[derive(Clone)]
