@@ -8,8 +8,9 @@
  * may enter a socket: SYN segments are dropped, data segments go up
  * without their payload and FIN segments without their FIN flag (the sender
  * retransmits both: nobody acknowledged them), pure ACKs and RSTs go up
- * unchanged, so the sockets' send queues can drain. DROP: everything is dropped (a splice being moved). ACTIVE: rewrite the
- * segment into the other connection (addresses, ports, sequence and
+ * unchanged, so the sockets' send queues can drain. DROP: everything is
+ * dropped (a splice being moved). ACTIVE: rewrite the segment into the
+ * other connection (addresses, ports, sequence and
  * acknowledgement numbers, window, timestamp and SACK options, checksums)
  * and redirect it out of the interface the FIB names, with the neighbour's
  * MAC address. Whatever cannot be rewritten correctly is dropped and
