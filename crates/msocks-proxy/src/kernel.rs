@@ -222,6 +222,30 @@ async fn spliced(
 #[cfg(target_os = "linux")]
 static ENGINE: std::sync::OnceLock<Option<msocks_splice::Engine>> = std::sync::OnceLock::new();
 
+/// Logs the datapath's non-zero counters (at the proxy's end: what the engine dropped,
+/// stripped and rewrote, for whoever looks into a run), if the engine was loaded.
+#[cfg(target_os = "linux")]
+pub(crate) fn log_datapath_counters() {
+    let Some(Some(engine)) = ENGINE.get() else {
+        return;
+    };
+    match engine.stats() {
+        Ok(stats) => {
+            let counters: Vec<String> = stats
+                .iter()
+                .filter(|(_, n)| *n != 0)
+                .map(|(name, n)| format!("{name}={n}"))
+                .collect();
+            info!(counters = %counters.join(" "), "kernel splice datapath counters");
+        }
+        Err(e) => tracing::debug!(error = %e, "reading the datapath counters"),
+    }
+}
+
+/// Nothing to log off Linux.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn log_datapath_counters() {}
+
 /// The process's engine, loaded at the first kernel session; `None` (logged once) where
 /// it cannot load.
 #[cfg(target_os = "linux")]

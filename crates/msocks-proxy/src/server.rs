@@ -213,6 +213,7 @@ impl Proxy {
             // Sessions notice the abort at their next wake-up; give them a moment to log.
             let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
         }
+        crate::kernel::log_datapath_counters();
         info!("stopped");
     }
 }

@@ -173,6 +173,12 @@ fn kernel_engine_splices_a_connect_session() {
             .any(|l| l.contains("engine: spliced") && l.contains("kernel")),
         "the session was not spliced:\n{text}"
     );
+    // At its end the proxy logs what the datapath did: segments rewritten, at least.
+    assert!(
+        text.lines()
+            .any(|l| l.contains("kernel splice datapath counters") && l.contains("spliced=")),
+        "no datapath counters at the end:\n{text}"
+    );
     if dropped != 0 {
         // Evidence from a lossy capture proves nothing either way.
         eprintln!("WARNING: tcpdump lost {dropped} packets; the packet check is skipped this run");

@@ -50,4 +50,15 @@ impl Engine {
     pub fn hold(&self, client: TcpStream, server: TcpStream) -> Result<Holding, Box<Refused>> {
         hold(&self.datapath, client, server)
     }
+
+    /// The datapath's counters since it was loaded (names as in
+    /// [`crate::maps::STAT_NAMES`]), summed over CPUs.
+    pub fn stats(&self) -> Result<Vec<(&'static str, u64)>, Error> {
+        match self.datapath.lock() {
+            Ok(mut dp) => dp.stats(),
+            // A panic while holding the lock left nothing half-written that
+            // a read of the counters could trip on.
+            Err(poisoned) => poisoned.into_inner().stats(),
+        }
+    }
 }
