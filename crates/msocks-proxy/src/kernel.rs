@@ -482,7 +482,10 @@ async fn spliced(
     if finished {
         // The session is over; its entries stay a little longer on a task of their own so
         // that a retransmitted last FIN or ACK is still rewritten, without holding the
-        // session's slot. Dropped with the runtime at shutdown, which tears down at once.
+        // session's slot, and with one descriptor instead of two. Dropped with the runtime
+        // at shutdown, which tears down at once.
+        let mut spliced = spliced;
+        spliced.close_client_socket();
         tokio::spawn(async move {
             tokio::time::sleep(LINGER).await;
             spliced.teardown();

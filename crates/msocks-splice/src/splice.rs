@@ -1386,6 +1386,19 @@ impl Spliced {
         }
     }
 
+    /// Closes the client connection's frozen socket now (silently: it is in
+    /// repair mode), keeping the entries and the server connection's socket
+    /// until [`Spliced::teardown`]: for a finished splice whose entries stay a
+    /// little longer, so that it holds one descriptor instead of two. The
+    /// server side's socket must stay as long as its entry (it holds the
+    /// local port of the proxy's connection, which a new connection of the
+    /// proxy's must not take while the entry could rewrite its segments); the
+    /// client side's local port is the listener's, and a new connection on
+    /// the same 4-tuple meets the entry either way.
+    pub fn close_client_socket(&mut self) {
+        drop(self.client.take());
+    }
+
     /// Removes the entries and closes the frozen sockets without sending
     /// anything. Call it a little after [`Status::Finished`] (a lingering
     /// retransmitted FIN or ACK then still finds the entry).
@@ -1413,7 +1426,8 @@ impl Spliced {
 
 impl Drop for Spliced {
     fn drop(&mut self) {
-        if self.client.is_some() {
+        // Both taken: released already, or spent by a resplice.
+        if self.client.is_some() || self.server.is_some() {
             self.release();
         }
     }
