@@ -24,7 +24,7 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use evidence::{digest, fill};
+use evidence::{digest, fill, recv_all};
 use msocks_splice::{splice, Hook, Status};
 use msocks_testbed::{Link, Testbed};
 use sha2::{Digest, Sha256};
@@ -82,19 +82,9 @@ fn a_hard_handoff_resplices_to_a_new_connection_without_loss() {
                     send_from(&s2, DOWN, 0, &never);
                     s2.shutdown(Shutdown::Write).expect("shutdown");
                 });
-                let mut h = Sha256::new();
-                let mut n = 0u64;
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    let k = (&s).read(&mut buf).expect("server read");
-                    if k == 0 {
-                        break;
-                    }
-                    h.update(&buf[..k]);
-                    n += k as u64;
-                }
+                let got = recv_all(&s).expect("server read");
                 sender.join().expect("server sender");
-                (n, h.finalize().to_vec())
+                got
             })
         })
         .expect("setns sv");

@@ -20,7 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use evidence::capture::Capture;
-use evidence::{digest, pattern};
+use evidence::{digest, pattern, recv_all};
 use msocks_splice::{splice, splice_with, Hook, Options, Status};
 use msocks_testbed::{Link, Testbed, SV_IF_ON_PX};
 use sha2::{Digest, Sha256};
@@ -59,21 +59,6 @@ fn send_pattern(mut s: &TcpStream, seed: u64, len: u64) -> std::io::Result<Vec<u
         off += n as u64;
     }
     Ok(h.finalize().to_vec())
-}
-
-/// Reads to EOF; returns (bytes, sha256).
-fn recv_all(mut s: &TcpStream) -> std::io::Result<(u64, Vec<u8>)> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut total = 0;
-    loop {
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            return Ok((total, h.finalize().to_vec()));
-        }
-        h.update(&buf[..n]);
-        total += n as u64;
-    }
 }
 
 struct ProxyResult {

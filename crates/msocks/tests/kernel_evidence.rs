@@ -24,7 +24,7 @@
 mod evidence;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener};
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
@@ -32,7 +32,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use evidence::capture::Capture;
-use evidence::{digest, fill, pattern, Conn, Seg};
+use evidence::{digest, fill, pattern, recv_all, Conn, Seg};
 use msocks_client::{MobileConfig, MobileStream, ProxyPath};
 use msocks_proto::{
     Greeting, MethodSelection, Reply, ReplyContext, ReplyExtension, Request, ResumeCounters,
@@ -230,19 +230,9 @@ fn start_server(tb: &Testbed, fam: Family) -> thread::JoinHandle<(u64, Vec<u8>)>
                     }
                     w.shutdown(Shutdown::Write).expect("server shutdown");
                 });
-                let mut h = Sha256::new();
-                let mut n = 0u64;
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    let k = (&s).read(&mut buf).expect("server read");
-                    if k == 0 {
-                        break;
-                    }
-                    h.update(&buf[..k]);
-                    n += k as u64;
-                }
+                let got = recv_all(&s).expect("server read");
                 sender.join().expect("server sender");
-                (n, h.finalize().to_vec())
+                got
             })
         })
         .expect("setns sv")

@@ -36,6 +36,23 @@ pub fn fill(seed: u64, from: u64, buf: &mut [u8]) {
     }
 }
 
+/// Reads `s` to EOF; returns the bytes read and their SHA-256.
+pub fn recv_all(mut s: &std::net::TcpStream) -> std::io::Result<(u64, Vec<u8>)> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0;
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Ok((total, h.finalize().to_vec()));
+        }
+        h.update(&buf[..n]);
+        total += n as u64;
+    }
+}
+
 /// SHA-256 of the first `len` bytes of the pattern of `seed`.
 pub fn digest(seed: u64, len: u64) -> Vec<u8> {
     use sha2::{Digest, Sha256};
