@@ -66,7 +66,12 @@ pub(crate) async fn serve_bind(
         .or(client_side_ip)
         .unwrap_or(IpAddr::from([0, 0, 0, 0]));
     let listener = match TcpListener::bind(SocketAddr::new(listen_ip, 0)).await {
-        Ok(l) => l,
+        Ok(l) => {
+            // The server's connection inherits it: urgent bytes stay in the stream from the
+            // first (see `connect::connect_one`).
+            let _ = socket2::SockRef::from(&l).set_out_of_band_inline(true);
+            l
+        }
         Err(e) => {
             return refuse(
                 &mut stream,

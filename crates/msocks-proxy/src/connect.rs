@@ -74,15 +74,18 @@ pub(crate) fn with_connect_mss<F: std::future::Future>(
 }
 
 async fn connect_one(addr: SocketAddr) -> io::Result<TcpStream> {
-    let Ok(mss) = CONNECT_MSS.try_with(|m| *m) else {
-        return TcpStream::connect(addr).await;
-    };
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
-    crate::kernel::set_maxseg(&socket, mss)?;
+    // Urgent data inline from the first byte: the server may send an urgent byte as soon as
+    // it accepts, before the session's engine runs. Without the flag then, the kernel takes
+    // the byte out of band when the next urgent mark arrives, and it is lost to the stream.
+    socket2::SockRef::from(&socket).set_out_of_band_inline(true)?;
+    if let Ok(mss) = CONNECT_MSS.try_with(|m| *m) {
+        crate::kernel::set_maxseg(&socket, mss)?;
+    }
     socket.connect(addr).await
 }
 

@@ -346,7 +346,7 @@ impl<'a> MobileEngine<'a> {
                     let pending = &self.up_pending[self.up_pending_pos..];
                     let result = match next_urgent {
                         Some(u) if u == written => {
-                            let sent = socket2::SockRef::from(&self.server).send_with_flags(&pending[..1], libc::MSG_OOB);
+                            let sent = send_urgent(&self.server, pending[0]);
                             if sent.is_ok() {
                                 self.urgent_up.pop_front();
                             }
@@ -398,9 +398,7 @@ impl<'a> MobileEngine<'a> {
         // An urgent byte goes alone, with MSG_OOB; ordinary bytes stop just before it.
         let next_urgent = self.urgent_down.partition_point(|&u| u < self.down_sent);
         let result = match self.urgent_down.get(next_urgent) {
-            Some(&u) if u == self.down_sent => {
-                socket2::SockRef::from(&p.stream).send_with_flags(&chunk[..1], libc::MSG_OOB)
-            }
+            Some(&u) if u == self.down_sent => send_urgent(&p.stream, chunk[0]),
             Some(&u) => {
                 let before = ((u - self.down_sent) as usize).min(chunk.len());
                 p.stream.try_write(&chunk[..before])
@@ -615,4 +613,15 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
+}
+
+/// Sends one urgent byte (`MSG_OOB`) through the runtime's readiness tracking, like
+/// `try_write`: a `WouldBlock` clears the socket's write readiness, so the engine waits for
+/// room instead of finding the socket "writable" again at once and spinning. (Seen: after a
+/// link went down with an urgent byte next, the session's task spun on the full send buffer,
+/// and the RECONNECT meant to move it timed out, again and again.)
+fn send_urgent(stream: &TcpStream, byte: u8) -> std::io::Result<usize> {
+    stream.try_io(tokio::io::Interest::WRITABLE, || {
+        socket2::SockRef::from(stream).send_with_flags(&[byte], libc::MSG_OOB)
+    })
 }

@@ -234,6 +234,10 @@ fn bind_listener(addr: SocketAddr, mss: Option<u32>) -> std::io::Result<TcpListe
     if let Some(mss) = mss {
         crate::kernel::set_maxseg(&socket, mss)?;
     }
+    // Accepted sockets inherit it: a client's urgent byte that comes before its session's
+    // engine starts stays in the stream (set later, the kernel may already have taken it out
+    // of band, where nothing reads it).
+    socket.set_out_of_band_inline(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
