@@ -1282,6 +1282,7 @@ fn client_to_server_hole_is_rewritten_on(engine: &str) {
             let mut rest = Vec::new();
             rd.read_to_end(&mut rest).await.map(|_| rest.len())
         });
+        proxy.spliced(1).await;
         for _ in 0..TRIES {
             arm_tx.send(()).await.expect("the writer is waiting");
             started_rx.recv().await.expect("the writer started a block");
@@ -1557,8 +1558,9 @@ fn urgent_bytes_from_the_server_cross_moves_inline_on(engine: &str) {
             while got.load(Ordering::SeqCst) < total {
                 assert!(
                     Instant::now() < deadline,
-                    "round {k}: the application got {} of {total} bytes",
-                    got.load(Ordering::SeqCst)
+                    "round {k}: the application got {} of {total} bytes; the TCP sockets:\n{}",
+                    got.load(Ordering::SeqCst),
+                    sockets(&tb)
                 );
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
@@ -1694,6 +1696,36 @@ fn counters_cross_2_pow_32_63_and_64_during_moves_on(engine: &str) {
 // ---------------------------------------------------------------------------
 
 impl Proxy {
+    /// On the kernel engine, waits until `n` sessions are spliced (and fails if one fell
+    /// back). A hard move while a session's first splice is draining makes it fall back
+    /// to the relay, correctly; tests of moves *on* the splice wait for it first.
+    async fn spliced(&self, n: usize) {
+        if self.engine != "kernel" {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let lines = self.lines();
+            if let Some(l) = lines.iter().find(|l| l.contains("engine: not spliced")) {
+                panic!("a session fell back to the relay before any move: {l}");
+            }
+            if lines
+                .iter()
+                .filter(|l| l.contains("engine: spliced"))
+                .count()
+                >= n
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no splice within 15 s; the proxy's log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     /// Asserts that `n` sessions ran on the kernel splice (none fell back to the relay).
     fn expect_spliced(&self, n: usize) {
         let lines = self.lines();
