@@ -70,6 +70,12 @@ pub struct BenchArgs {
     /// lost throughput, the kernel engine most): try more on larger machines.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub load_threads: usize,
+    /// How the throughput scenario's load generator writes: `write` (from a buffer, one copy
+    /// per byte, as most applications send) or `sendfile` (from a 64 KiB in-memory file, no
+    /// copy in the load generator, like `iperf3 -Z`; through IP forwarding and the kernel
+    /// engine, whose whole path is charged to the sending CPU, it roughly doubles the rate).
+    #[arg(long, value_enum, default_value_t = worker::SendWith::Write, value_name = "HOW")]
+    pub load_send: worker::SendWith,
     /// Print the report to standard output instead of writing --out (plots are still written
     /// beside --out).
     #[arg(long)]
@@ -148,6 +154,8 @@ pub struct Settings {
     pub moves: usize,
     /// Writer threads of the throughput scenario's load generator.
     pub load_threads: usize,
+    /// How the throughput scenario's load generator writes.
+    pub load_send: worker::SendWith,
 }
 
 impl Settings {
@@ -182,6 +190,7 @@ impl Settings {
                 0 => bail!("--load-threads must be at least 1"),
                 n => n,
             },
+            load_send: args.load_send,
         })
     }
 }

@@ -321,14 +321,22 @@ fn throughput_section(md: &mut String, r: &Results, fig_dir: &Path) -> Result<()
         "Each connection writes 64 KiB blocks as fast as it can, from the mobile node through the \
 peer to the discard server; throughput is what the load generator wrote during the window \
 (GB = 10⁹ bytes). Connections are opened (64 at a time) before the warm-up. The load \
-generator writes with {} thread(s) (`--load-threads`). Through IP forwarding and the kernel \
+generator writes with {} thread(s) (`--load-threads`), with {} (`--load-send`: `write` from a \
+buffer, or `sendfile` from a 64 KiB in-memory file, which spares the load generator's copy; \
+on 2026-11-25 `--quick --conns 1,64,1024` with `sendfile` roughly doubled IP forwarding and \
+the kernel engine, to 3.6–4.7 GB/s, while msocks' relay at 1024 connections ranged from 0.6 to \
+3.4 GB/s over two runs of three windows). Through IP forwarding and the kernel \
 engine the packets' whole path across the testbed is kernel work done on the sending CPU and \
 charged to the load generator, which therefore shows about one core in those rows: there the \
 sending thread is the limit, for both alike. A second writing thread did not lift it on 2 \
 CPUs: in four alternating runs (2026-11-25, `--scenarios throughput --conns 1,64,1024`), two \
 threads at 1024 connections gave 1.78 and 0.29 GB/s through the kernel engine against 2.78 and \
 2.76 with one, and less for msocks too.\n",
-        r.settings.load_threads
+        r.settings.load_threads,
+        match r.settings.load_send {
+            crate::bench::worker::SendWith::Write => "write(2)",
+            crate::bench::worker::SendWith::Sendfile => "sendfile(2)",
+        }
     );
     let series: Vec<Series> = r
         .peers

@@ -80,6 +80,21 @@ pub struct LoadArgs {
     /// Threads writing `bulk`'s connections (each its own event loop, with a share of them).
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// How `bulk` writes: `write` from a buffer (one copy per byte in the load generator),
+    /// or `sendfile` from a 64 KiB in-memory file (the kernel takes the pages by reference,
+    /// as `iperf3 -Z` does).
+    #[arg(long, value_enum, default_value_t = SendWith::Write)]
+    send: SendWith,
+}
+
+/// How the bulk load generator hands its bytes to the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SendWith {
+    /// write(2) from a static buffer of zeros, as most applications send.
+    Write,
+    /// sendfile(2) from a memfd holding one chunk of zeros: no copy in the load generator,
+    /// and the segments carry page-sized fragments (as from a file server).
+    Sendfile,
 }
 
 /// Sessions opened at once while setting up many connections: more would only overflow the
@@ -318,6 +333,10 @@ async fn bulk(via: Via, args: &LoadArgs) -> Result<()> {
     ensure!(args.conns > 0, "--conns must be at least 1");
     ensure!(args.threads > 0, "--threads must be at least 1");
     let conns = open_many(via, args.target, args.conns).await?;
+    let source = match args.send {
+        SendWith::Sendfile => Some(Arc::new(zero_chunk_file()?)),
+        SendWith::Write => None,
+    };
     say("READY");
     let sent = Arc::new(AtomicU64::new(0));
     // Connection i is written by thread i mod threads. Thread 0 is this one; the others get
@@ -326,13 +345,14 @@ async fn bulk(via: Via, args: &LoadArgs) -> Result<()> {
     let mut shares: Vec<Vec<std::net::TcpStream>> = (0..threads).map(|_| Vec::new()).collect();
     for (i, s) in conns.into_iter().enumerate() {
         if i % threads == 0 {
-            tokio::spawn(write_forever(s, sent.clone()));
+            tokio::spawn(write_forever(s, sent.clone(), source.clone()));
         } else {
             shares[i % threads].push(s.into_std().context("moving a connection")?);
         }
     }
     for share in shares.into_iter().skip(1) {
         let sent = sent.clone();
+        let source = source.clone();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .build()
@@ -342,7 +362,7 @@ async fn bulk(via: Via, args: &LoadArgs) -> Result<()> {
                 for s in share {
                     match tokio::net::TcpStream::from_std(s) {
                         Ok(s) => {
-                            tokio::spawn(write_forever(s, sent.clone()));
+                            tokio::spawn(write_forever(s, sent.clone(), source.clone()));
                         }
                         Err(e) => eprintln!("  load generator: a connection lost: {e}"),
                     }
@@ -373,13 +393,37 @@ async fn bulk(via: Via, args: &LoadArgs) -> Result<()> {
     std::process::exit(0)
 }
 
-/// Writes 64 KiB blocks into `s` as fast as it takes them, counting what it took.
-async fn write_forever(s: tokio::net::TcpStream, sent: Arc<AtomicU64>) {
+/// A memfd holding one chunk of zeros, the source of `sendfile` writes.
+fn zero_chunk_file() -> Result<std::os::fd::OwnedFd> {
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    let fd = memfd_create(c"msocks-bench-chunk", MemFdCreateFlag::MFD_CLOEXEC)
+        .context("creating the load generator's in-memory file")?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(&ZEROS)
+        .context("filling the load generator's in-memory file")?;
+    Ok(file.into())
+}
+
+/// Writes 64 KiB blocks into `s` as fast as it takes them, counting what it took: with
+/// sendfile(2) from `source` when given, else with write(2).
+async fn write_forever(
+    s: tokio::net::TcpStream,
+    sent: Arc<AtomicU64>,
+    source: Option<Arc<std::os::fd::OwnedFd>>,
+) {
     loop {
         if s.writable().await.is_err() {
             return;
         }
-        match s.try_write(&ZEROS) {
+        let result = match &source {
+            Some(file) => s.try_io(tokio::io::Interest::WRITABLE, || {
+                let mut offset: libc::off_t = 0;
+                nix::sys::sendfile::sendfile(&s, file.as_ref(), Some(&mut offset), CHUNK)
+                    .map_err(std::io::Error::from)
+            }),
+            None => s.try_write(&ZEROS),
+        };
+        match result {
             Ok(n) => {
                 sent.fetch_add(n as u64, Ordering::Relaxed);
             }
@@ -654,11 +698,17 @@ pub fn load_args(
     ]
 }
 
-/// `args` (from [`load_args`]) with `threads` writer threads (bulk only).
-pub fn with_threads(mut args: Vec<String>, threads: usize) -> Vec<String> {
+/// `args` (from [`load_args`]) with `threads` writer threads writing with `send` (bulk
+/// only).
+pub fn with_threads(mut args: Vec<String>, threads: usize, send: SendWith) -> Vec<String> {
     if let Some(i) = args.iter().position(|a| a == "--threads") {
         args[i + 1] = threads.max(1).to_string();
     }
+    let send = match send {
+        SendWith::Sendfile => "sendfile",
+        SendWith::Write => "write",
+    };
+    args.extend(["--send".into(), send.into()]);
     args
 }
 

@@ -70,6 +70,7 @@ pub fn run(ctx: &Ctx<'_>, peers: &[Peer]) -> Result<Vec<Row>> {
                         0,
                     ),
                     s.load_threads,
+                    s.load_send,
                 );
                 measure(ctx, &proc_, &args, Duration::from_secs(60))
             }) else {
