@@ -148,4 +148,12 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.reply_code(), ReplyCode::ConnectionRefused, "{err}");
     }
+
+    #[tokio::test]
+    async fn connections_receive_urgent_data_inline_from_the_start() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let s = connect_any(&[addr], Duration::from_secs(2)).await.unwrap();
+        assert!(socket2::SockRef::from(&s).out_of_band_inline().unwrap());
+    }
 }

@@ -284,3 +284,19 @@ async fn accept_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_receive_urgent_data_inline_from_the_start() {
+        let l = bind_listener("127.0.0.1:0".parse().unwrap(), None).unwrap();
+        let addr = l.local_addr().unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let (accepted, _) = l.accept().await.unwrap();
+        assert!(socket2::SockRef::from(&accepted)
+            .out_of_band_inline()
+            .unwrap());
+    }
+}
