@@ -188,6 +188,14 @@ pub struct EngineConfig {
     /// the session to `relay` instead.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Longest time the kernel engine relays a new plain session's first bytes in user space,
+    /// until both connections are quiet (everything passed on and acknowledged), before it
+    /// holds the sockets to splice them; within it, four of the client connection's RTTs
+    /// (at least 5 ms). A client's first request usually follows the reply at once; held
+    /// back, it would wait for its TCP to send it again (≥ 200 ms). `0s`: hold at once.
+    /// MSOCKS sessions are held at once (docs/KERNEL-SPLICE.md).
+    #[serde(with = "humantime_serde")]
+    pub relay_first: Duration,
     /// The MSS the kernel engine clamps the proxy's TCP connections to (both legs of every
     /// session), so that segments one peer sends fit the other peer and its link: the
     /// datapath forwards segments as they are and cannot split one. Unset: the smallest MTU
@@ -213,6 +221,7 @@ impl Default for EngineConfig {
             kind: EngineKind::Relay,
             interfaces: Vec::new(),
             drain_timeout: Duration::from_secs(3),
+            relay_first: Duration::from_millis(250),
             mss: None,
         }
     }

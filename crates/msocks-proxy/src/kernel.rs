@@ -301,14 +301,64 @@ pub(crate) struct Refused {
     pub(crate) drained: (u64, u64),
 }
 
+/// A socket descriptor owned elsewhere (a [`msocks_splice::Holding`]'s), registered with
+/// the reactor for read readiness while the drain relays a session before HOLD.
+#[cfg(target_os = "linux")]
+struct ReadinessFd(tokio::io::unix::AsyncFd<BorrowedRaw>);
+
+/// A raw descriptor that the reactor may poll; it does not close it.
+#[cfg(target_os = "linux")]
+struct BorrowedRaw(std::os::fd::RawFd);
+
+#[cfg(target_os = "linux")]
+impl std::os::fd::AsRawFd for BorrowedRaw {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl ReadinessFd {
+    /// Registers `fd`, which must stay open until this is dropped (the drain loop drops it
+    /// before the `Holding` that owns the socket is finished or abandoned).
+    #[allow(unsafe_code)]
+    fn register(fd: std::os::fd::RawFd) -> std::io::Result<ReadinessFd> {
+        // SAFETY: `fd` is a socket a `Holding` owns, taken from `Holding::fds` in
+        // `splice_streams`; the only `ReadinessFd`s are locals of that function's drain loop,
+        // dropped (deregistering the descriptor) before the `Holding` is finished or
+        // abandoned, so the descriptor stays open, and the same socket, while registered.
+        unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                BorrowedRaw(fd),
+                tokio::io::Interest::READABLE,
+            )
+        }
+        .map(ReadinessFd)
+        .map_err(std::io::Error::from)
+    }
+
+    /// Waits until the socket has bytes (or an end) to read, and clears that readiness:
+    /// the drain reads with its own system calls, and the next wait must wait for new
+    /// bytes (edge-triggered).
+    async fn readable(&self) {
+        if let Ok(mut guard) = self.0.readable().await {
+            guard.clear_ready();
+        }
+    }
+}
+
 /// Splices a session's two sockets with the kernel engine (loading it if the proxy has not
 /// yet): the checks and HOLD are a few non-blocking system calls, and the drain is driven
 /// on the session's task, waiting on the runtime's timer rather than in a thread of its own.
+///
+/// With a non-zero `relay_first`, the drain relays until the connections are quiet before
+/// HOLD (`Engine::hold_when_quiet`); zero holds at once.
 #[cfg(target_os = "linux")]
 pub(crate) async fn splice_streams(
     shared: &Shared,
     client: TcpStream,
     server: TcpStream,
+    relay_first: Duration,
 ) -> Result<msocks_splice::Spliced, NotSpliced> {
     use msocks_splice::Drain;
 
@@ -331,7 +381,8 @@ pub(crate) async fn splice_streams(
         }
     };
     let attempt = match engine {
-        Some(e) => e.hold(c, s),
+        Some(e) if relay_first.is_zero() => e.hold(c, s),
+        Some(e) => e.hold_when_quiet(c, s, relay_first),
         None => Err(Box::new(msocks_splice::Refused {
             error: msocks_splice::Error::Unavailable,
             client: c,
@@ -343,24 +394,56 @@ pub(crate) async fn splice_streams(
     };
     let attempt = match attempt {
         Ok(mut holding) => {
-            let deadline = tokio::time::Instant::now() + shared.config.engine.drain_timeout;
+            let deadline =
+                tokio::time::Instant::now() + relay_first + shared.config.engine.drain_timeout;
             let mut retry = DRAIN_RETRY;
-            loop {
+            // Before HOLD the drain is the session's relay: bytes that arrive are passed on
+            // at once, on their readiness. Registered for the drain only: the descriptors
+            // go back to the reactor as streams if the splice is refused.
+            let readiness = match holding.fds() {
+                Some((c, s)) if !holding.is_held() => {
+                    match (ReadinessFd::register(c), ReadinessFd::register(s)) {
+                        (Ok(c), Ok(s)) => Some((c, s)),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            };
+            let result = loop {
                 match holding.drain_step() {
-                    Ok(Drain::Quiet) => break holding.finish(),
+                    Ok(Drain::Quiet) => break Ok(()),
                     Ok(step) => {
                         if tokio::time::Instant::now() >= deadline {
-                            break Err(holding.abandon(msocks_splice::Error::DrainTimeout));
+                            break Err(msocks_splice::Error::DrainTimeout);
                         }
-                        if step == Drain::Waiting {
-                            // An ACK from a peer has no readiness event: look again soon,
-                            // then less often.
-                            tokio::time::sleep(retry).await;
-                            retry = (retry * 2).min(DRAIN_RETRY_MAX);
+                        if step == Drain::Moved {
+                            // Before HOLD a busy session moves bytes pass after pass: let the
+                            // worker's other tasks run between them.
+                            retry = DRAIN_RETRY;
+                            tokio::task::yield_now().await;
+                            continue;
                         }
+                        // An ACK from a peer has no readiness event: look again soon, then
+                        // less often; bytes that come in meanwhile (before HOLD) end the wait.
+                        match &readiness {
+                            Some((c, s)) if !holding.is_held() => {
+                                tokio::select! {
+                                    () = tokio::time::sleep(retry) => {}
+                                    () = c.readable() => {}
+                                    () = s.readable() => {}
+                                }
+                            }
+                            _ => tokio::time::sleep(retry).await,
+                        }
+                        retry = (retry * 2).min(DRAIN_RETRY_MAX);
                     }
-                    Err(e) => break Err(holding.abandon(e)),
+                    Err(e) => break Err(e),
                 }
+            };
+            drop(readiness);
+            match result {
+                Ok(()) => holding.finish(),
+                Err(e) => Err(holding.abandon(e)),
             }
         }
         Err(refused) => Err(refused),
@@ -398,38 +481,43 @@ async fn spliced(
 ) -> KernelRun {
     use std::sync::atomic::Ordering;
 
-    let spliced = match splice_streams(shared, client, server).await {
-        Ok(sp) => sp,
-        Err(NotSpliced::Lost(why)) => return KernelRun::Ended(why),
-        Err(NotSpliced::Refused(r)) => {
-            info!(session, engine = "relay", reason = %r.reason, "engine: not spliced");
-            let Refused {
-                mut client,
-                mut server,
-                pending_to_server,
-                pending_to_client,
-                ..
-            } = *r;
-            // Bytes the abandoned drain had already taken from one side go first.
-            if let Err(e) = server.write_all(&pending_to_server).await {
-                return KernelRun::Ended(format!("kernel engine fallback: {e}"));
+    let spliced =
+        match splice_streams(shared, client, server, shared.config.engine.relay_first).await {
+            Ok(sp) => sp,
+            Err(NotSpliced::Lost(why)) => return KernelRun::Ended(why),
+            Err(NotSpliced::Refused(r)) => {
+                info!(session, engine = "relay", reason = %r.reason, "engine: not spliced");
+                let Refused {
+                    mut client,
+                    mut server,
+                    pending_to_server,
+                    pending_to_client,
+                    drained,
+                    ..
+                } = *r;
+                // What the drain passed on (all of a short session relayed before HOLD).
+                traffic.up.fetch_add(drained.0, Ordering::Relaxed);
+                traffic.down.fetch_add(drained.1, Ordering::Relaxed);
+                // Bytes the abandoned drain had already taken from one side go first.
+                if let Err(e) = server.write_all(&pending_to_server).await {
+                    return KernelRun::Ended(format!("kernel engine fallback: {e}"));
+                }
+                if let Err(e) = client.write_all(&pending_to_client).await {
+                    return KernelRun::Ended(format!("kernel engine fallback: {e}"));
+                }
+                traffic
+                    .up
+                    .fetch_add(pending_to_server.len() as u64, Ordering::Relaxed);
+                traffic
+                    .down
+                    .fetch_add(pending_to_client.len() as u64, Ordering::Relaxed);
+                return KernelRun::Relay {
+                    client,
+                    server,
+                    early_sent: true,
+                };
             }
-            if let Err(e) = client.write_all(&pending_to_client).await {
-                return KernelRun::Ended(format!("kernel engine fallback: {e}"));
-            }
-            traffic
-                .up
-                .fetch_add(pending_to_server.len() as u64, Ordering::Relaxed);
-            traffic
-                .down
-                .fetch_add(pending_to_client.len() as u64, Ordering::Relaxed);
-            return KernelRun::Relay {
-                client,
-                server,
-                early_sent: true,
-            };
-        }
-    };
+        };
     info!(session, engine = "kernel", "engine: spliced");
     // `idle_timeout` as the relay applies it: no segment either way for that long ends the
     // session (silently: the peers' next segments find no socket and get a RST).

@@ -234,7 +234,12 @@ mod linux {
             .local_addr()
             .map(TargetAddr::Ip)
             .unwrap_or(TargetAddr::UNSPECIFIED);
-        let spliced = match crate::kernel::splice_streams(shared, stream, server).await {
+        // Held at once: with bytes relayed before HOLD, the packet-evidence test of moved
+        // MSOCKS sessions (tests/kernel_evidence.rs) found segments to the mobile node that
+        // were no copies of the server's, not yet explained; plain sessions relay first.
+        let spliced = match crate::kernel::splice_streams(shared, stream, server, Duration::ZERO)
+            .await
+        {
             Ok(sp) => sp,
             Err(crate::kernel::NotSpliced::Lost(why)) => return Ok(why),
             Err(crate::kernel::NotSpliced::Refused(r)) => {

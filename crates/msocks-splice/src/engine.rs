@@ -51,6 +51,18 @@ impl Engine {
         hold(&self.datapath, client, server)
     }
 
+    /// [`crate::splice::hold_when_quiet`] with this engine's datapath: the
+    /// drain relays until the sockets are quiet (or `open_for` passed), and
+    /// only then holds them.
+    pub fn hold_when_quiet(
+        &self,
+        client: TcpStream,
+        server: TcpStream,
+        open_for: Duration,
+    ) -> Result<Holding, Box<Refused>> {
+        crate::splice::hold_when_quiet(&self.datapath, client, server, open_for)
+    }
+
     /// The datapath's counters since it was loaded (names as in
     /// [`crate::maps::STAT_NAMES`]), summed over CPUs.
     pub fn stats(&self) -> Result<Vec<(&'static str, u64)>, Error> {

@@ -163,6 +163,8 @@ pub struct Info {
     pub snd_mss: u32,
     /// MSS we announced.
     pub advmss: u32,
+    /// Smoothed round-trip time, microseconds (`tcpi_rtt`).
+    pub rtt_us: u32,
 }
 
 /// Reads `TCP_INFO`. The struct is parsed from its documented byte layout
@@ -189,6 +191,7 @@ pub fn info(fd: BorrowedFd<'_>) -> io::Result<Info> {
         rcv_wscale,
         snd_mss: u32_at(16),
         advmss: u32_at(84),
+        rtt_us: u32_at(68),
     })
 }
 

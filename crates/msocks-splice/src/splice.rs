@@ -370,6 +370,50 @@ pub fn hold(
     client: TcpStream,
     server: TcpStream,
 ) -> Result<Holding, Box<Refused>> {
+    let mut holding = check(datapath, client, server, None)?;
+    match holding.insert_hold() {
+        Ok(()) => Ok(holding),
+        Err(e) => Err(holding.abandon(e)),
+    }
+}
+
+/// Step 1 like [`hold`], but HOLD waits: the drain ([`Holding::drain_step`])
+/// first copies between the two sockets as a relay would, with no entry in
+/// the datapath, and puts both directions in HOLD only once everything is
+/// passed on and acknowledged (quiet), or after `open_for`. A new session's
+/// first exchange (a request right behind the SOCKS reply, carrying the
+/// acknowledgement of the reply that the drain waits for) then reaches the
+/// destination at once, instead of being held back and sent again by its
+/// TCP (a tail loss probe: two RTTs plus 200 ms for a lone segment).
+///
+/// The open time is four of the client connection's smoothed RTTs (enough
+/// for the client's answer to the reply, and one exchange behind it), at
+/// least [`OPEN_AT_LEAST`] and at most `open_for`: a busy session is held
+/// about as soon as before, and is relayed by the drain only meanwhile.
+pub fn hold_when_quiet(
+    datapath: &SharedDatapath,
+    client: TcpStream,
+    server: TcpStream,
+    open_for: Duration,
+) -> Result<Holding, Box<Refused>> {
+    let started = Instant::now();
+    let mut holding = check(datapath, client, server, Some(started + open_for))?;
+    let rtts = Duration::from_micros(u64::from(holding.c_info.rtt_us) * 4);
+    holding.open_until = Some(started + rtts.max(OPEN_AT_LEAST).min(open_for));
+    Ok(holding)
+}
+
+/// The shortest open time of [`hold_when_quiet`] (it includes the quiet
+/// time before HOLD).
+pub const OPEN_AT_LEAST: Duration = Duration::from_millis(5);
+
+/// Step 1: the checks; a [`Holding`] without entries yet.
+fn check(
+    datapath: &SharedDatapath,
+    client: TcpStream,
+    server: TcpStream,
+    open_until: Option<Instant>,
+) -> Result<Holding, Box<Refused>> {
     let refuse = |error: Error, client: TcpStream, server: TcpStream| {
         Box::new(Refused {
             error,
@@ -436,23 +480,6 @@ pub fn hold(
     }
     let to_server = SpliceKey::new(c_peer, c_local);
     let to_client = SpliceKey::new(s_peer, s_local);
-
-    // Step 2: HOLD. NOEXIST: never take over another splice's entry.
-    let held = (|| -> Result<(), Error> {
-        let mut dp = lock(datapath);
-        let mut table = dp.table()?;
-        table
-            .insert(to_server, hold_value(), 1)
-            .map_err(|e| Error::Map(Box::new(e)))?;
-        if let Err(e) = table.insert(to_client, hold_value(), 1) {
-            let _ = table.remove(&to_server);
-            return Err(Error::Map(Box::new(e)));
-        }
-        Ok(())
-    })();
-    if let Err(e) = held {
-        return Err(refuse(e, client, server));
-    }
     Ok(Holding {
         datapath: Arc::clone(datapath),
         sockets: Some((client, server)),
@@ -463,8 +490,15 @@ pub fn hold(
         to_server,
         to_client,
         pending: Pending::default(),
+        held: false,
+        open_until,
+        quiet_since: None,
     })
 }
+
+/// How long the sockets must stay quiet before [`hold_when_quiet`]'s drain
+/// puts them in HOLD.
+const QUIET_BEFORE_HOLD: Duration = Duration::from_millis(2);
 
 /// What one pass of the drain found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -479,8 +513,9 @@ pub enum Drain {
     Waiting,
 }
 
-/// A splice in HOLD (steps 1 and 2 done), being drained (step 3). Owns
-/// the two sockets. Dropping it removes the entries and drops the sockets
+/// A splice being drained (step 3): in HOLD (steps 1 and 2 done), or,
+/// from [`hold_when_quiet`], checked and not yet held. Owns the two
+/// sockets. Dropping it removes the entries and drops the sockets
 /// (which then close normally).
 #[derive(Debug)]
 pub struct Holding {
@@ -497,9 +532,46 @@ pub struct Holding {
     to_server: SpliceKey,
     to_client: SpliceKey,
     pending: Pending,
+    /// Both directions' entries are in HOLD (step 2 done).
+    held: bool,
+    /// Before HOLD ([`hold_when_quiet`]): when to hold even if not quiet.
+    open_until: Option<Instant>,
+    /// Before HOLD: since when every drain pass found the sockets quiet.
+    quiet_since: Option<Instant>,
 }
 
 impl Holding {
+    /// Step 2: both directions' entries in HOLD. NOEXIST: never take over
+    /// another splice's entry.
+    fn insert_hold(&mut self) -> Result<(), Error> {
+        let mut dp = lock(&self.datapath);
+        let mut table = dp.table()?;
+        table
+            .insert(self.to_server, hold_value(), 1)
+            .map_err(|e| Error::Map(Box::new(e)))?;
+        if let Err(e) = table.insert(self.to_client, hold_value(), 1) {
+            let _ = table.remove(&self.to_server);
+            return Err(Error::Map(Box::new(e)));
+        }
+        self.held = true;
+        Ok(())
+    }
+
+    /// Whether both directions are in HOLD yet (after [`hold_when_quiet`],
+    /// not until the drain found the sockets quiet or its open time ended).
+    pub fn is_held(&self) -> bool {
+        self.held
+    }
+
+    /// The two sockets' descriptors (client, server), to wait for bytes to
+    /// drain; `None` once finished or abandoned.
+    pub fn fds(&self) -> Option<(std::os::fd::RawFd, std::os::fd::RawFd)> {
+        use std::os::fd::AsRawFd;
+        self.sockets
+            .as_ref()
+            .map(|(c, s)| (c.as_raw_fd(), s.as_raw_fd()))
+    }
+
     /// Step 3, one non-blocking pass: copies what either receive queue
     /// holds to the other socket, and says whether all four queues are
     /// empty. An error (a peer's FIN, a socket error) means the splice
@@ -510,13 +582,47 @@ impl Holding {
                 "the splice was already finished".into(),
             ));
         };
-        drain_pass(client, server, &mut self.pending)
+        let step = drain_pass(client, server, &mut self.pending)?;
+        if self.held {
+            return Ok(step);
+        }
+        // Not held yet: HOLD starts once the sockets have been quiet for
+        // QUIET_BEFORE_HOLD (or the open time is up); what came in meanwhile
+        // is drained under HOLD, so go on at once. The wait lets a client's
+        // next request, which often comes right behind its acknowledgement
+        // of the last response, arrive before HOLD rather than in it.
+        let now = Instant::now();
+        let time_up = self.open_until.map_or(true, |t| now >= t);
+        let quiet_long_enough = match (step, self.quiet_since) {
+            (Drain::Quiet, Some(since)) => now.duration_since(since) >= QUIET_BEFORE_HOLD,
+            (Drain::Quiet, None) => {
+                self.quiet_since = Some(now);
+                false
+            }
+            _ => {
+                self.quiet_since = None;
+                false
+            }
+        };
+        if quiet_long_enough || time_up {
+            self.insert_hold()?;
+            return Ok(Drain::Moved);
+        }
+        Ok(match step {
+            Drain::Quiet => Drain::Waiting,
+            other => other,
+        })
     }
 
     /// Steps 4 and 5, right after [`Holding::drain_step`] said
     /// [`Drain::Quiet`]: freezes both sockets and switches both directions
     /// to ACTIVE.
     pub fn finish(mut self) -> Result<Spliced, Box<Refused>> {
+        if !self.held {
+            return Err(self.abandon(Error::Incompatible(
+                "finish called before the drain put the splice in HOLD".into(),
+            )));
+        }
         let frozen = match self.sockets.as_ref() {
             Some((client, server)) => freeze_quiet(client, server, &self.c_info, &self.s_info),
             None => Err(Error::Incompatible(
@@ -648,6 +754,9 @@ impl Holding {
     }
 
     fn remove_entries(&self) {
+        if !self.held {
+            return;
+        }
         let mut dp = lock(&self.datapath);
         if let Ok(mut table) = dp.table() {
             let _ = table.remove(&self.to_server);

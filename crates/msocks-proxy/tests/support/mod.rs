@@ -28,6 +28,7 @@ pub fn kernel_config(listen: SocketAddr) -> ProxyConfig {
 
 /// The process's `tracing` output, kept in memory.
 #[derive(Clone)]
+#[allow(dead_code)] // not every test file that includes this module reads the log
 pub struct LogBuffer(Arc<Mutex<Vec<u8>>>);
 
 impl io::Write for LogBuffer {
@@ -43,6 +44,7 @@ impl io::Write for LogBuffer {
     }
 }
 
+#[allow(dead_code)] // as above
 impl LogBuffer {
     /// Installs the global subscriber (info level, no colours) writing into a new buffer.
     /// Once per test binary.
