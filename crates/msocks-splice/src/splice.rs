@@ -370,7 +370,7 @@ pub fn hold(
     client: TcpStream,
     server: TcpStream,
 ) -> Result<Holding, Box<Refused>> {
-    let mut holding = check(datapath, client, server, None)?;
+    let mut holding = check(datapath, client, server)?;
     match holding.insert_hold() {
         Ok(()) => Ok(holding),
         Err(e) => Err(holding.abandon(e)),
@@ -397,7 +397,7 @@ pub fn hold_when_quiet(
     open_for: Duration,
 ) -> Result<Holding, Box<Refused>> {
     let started = Instant::now();
-    let mut holding = check(datapath, client, server, Some(started + open_for))?;
+    let mut holding = check(datapath, client, server)?;
     let rtts = Duration::from_micros(u64::from(holding.c_info.rtt_us) * 4);
     holding.open_until = Some(started + rtts.max(OPEN_AT_LEAST).min(open_for));
     Ok(holding)
@@ -412,7 +412,6 @@ fn check(
     datapath: &SharedDatapath,
     client: TcpStream,
     server: TcpStream,
-    open_until: Option<Instant>,
 ) -> Result<Holding, Box<Refused>> {
     let refuse = |error: Error, client: TcpStream, server: TcpStream| {
         Box::new(Refused {
@@ -491,7 +490,7 @@ fn check(
         to_client,
         pending: Pending::default(),
         held: false,
-        open_until,
+        open_until: None,
         quiet_since: None,
     })
 }

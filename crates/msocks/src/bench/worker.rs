@@ -700,7 +700,7 @@ pub fn load_args(
 
 /// `args` (from [`load_args`]) with `threads` writer threads writing with `send` (bulk
 /// only).
-pub fn with_threads(mut args: Vec<String>, threads: usize, send: SendWith) -> Vec<String> {
+pub fn bulk_options(mut args: Vec<String>, threads: usize, send: SendWith) -> Vec<String> {
     if let Some(i) = args.iter().position(|a| a == "--threads") {
         args[i + 1] = threads.max(1).to_string();
     }

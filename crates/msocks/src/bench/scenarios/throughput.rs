@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 
 use crate::bench::peers::{self, Peer};
-use crate::bench::worker::{load_args, with_threads, Mode};
+use crate::bench::worker::{bulk_options, load_args, Mode};
 use crate::bench::{attempt, measure, Ctx, Window};
 
 /// One measured window.
@@ -59,7 +59,7 @@ pub fn run(ctx: &Ctx<'_>, peers: &[Peer]) -> Result<Vec<Row>> {
             let what = format!("{} with {} connections", row.peer.name(), row.conns);
             let Some((result, window)) = attempt(&what, || {
                 let proc_ = peers::start(ctx.tb, row.peer)?;
-                let args = with_threads(
+                let args = bulk_options(
                     load_args(
                         Mode::Bulk,
                         proc_.via(),
